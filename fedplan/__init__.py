@@ -1,0 +1,1 @@
+"""fedplan: a memory planner for on-device and federated training."""
