@@ -58,6 +58,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(DROPOUT)
         self.blocks = nn.Sequential(*[Block() for _ in range(N_LAYER)])
         self.ln_f = nn.LayerNorm(D_MODEL)
+        # GPT-2 style init: small embeddings keep the tied lm-head logits near zero at start.
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.02)
 
     def forward(self, idx):
         x = self.drop(self.wte(idx) + self.wpe(self.pos))

@@ -1,0 +1,287 @@
+"""The memory simulator: one training step, event by event, and its peak.
+
+``simulate(graph, costs, decisions)`` replays what fedplan's runtime does with a plan:
+forward in topological order, the loss, backward in reverse order (recomputing each
+checkpoint region when backward reaches it), then the optimizer step, and returns the
+memory timeline, its peak and the breakdown at the peak.
+
+It is the independent check of every planner: it shares no code with any solver's
+constraint builder, and walks storages one by one instead of summing per-node figures.
+
+Semantics (the runtime's, stated once):
+
+* a node whose decision is ``recompute`` runs inside a checkpoint region (a maximal run
+  of consecutive ``recompute`` nodes in topological order); what it saves is dropped
+  after the forward and made again when backward reaches the region;
+* a region saves its inputs (values defined outside it) until its backward is done;
+* a ``keep`` node's saved storages live until its own backward has run;
+* a ``compress:...`` node keeps its saved storages packed, at the packed size given by
+  ``packed_bytes`` (bytes per storage key), unpacked transiently in its backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .cost import LOSS, CostModel
+from .ir import PlanGraph
+
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+CATEGORIES = ("parameters", "optimizer_state", "inputs", "gradients", "saved_activations",
+              "temporaries")
+
+
+@dataclass(frozen=True)
+class Event:
+    phase: str        # forward | recompute | backward | optimizer
+    node: str
+    bytes_after: int  # level after the event
+    peak_inside: int  # highest level inside the event (transients included)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    peak_bytes: int
+    peak_phase: str
+    peak_node: str
+    breakdown: dict[str, int]
+    events: tuple[Event, ...] = field(repr=False, default=())
+    fixed_bytes: int = 0
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase,
+                "peak_node": self.peak_node, "breakdown": dict(self.breakdown)}
+
+
+def regions_of(graph: PlanGraph, decisions: Mapping[str, str]) -> list[list[str]]:
+    """Maximal runs of consecutive ``recompute`` compute nodes, in topological order.
+
+    ``get_attr`` nodes do not break a run (they compute nothing).
+    """
+    regions: list[list[str]] = []
+    current: list[str] = []
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op in COMPUTE_OPS and decisions.get(node.name, "keep") == "recompute":
+            current.append(node.name)
+        else:
+            if current:
+                regions.append(current)
+            current = []
+    if current:
+        regions.append(current)
+    return regions
+
+
+class _Memory:
+    """Live storages by category, with the running level and peak."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, tuple[int, str]] = {}
+        self.level = 0
+        self.peak = 0
+        self.peak_at: tuple[str, str] = ("", "")
+        self.peak_breakdown: dict[str, int] = {}
+
+    def alloc(self, key: str, nbytes: int, category: str) -> None:
+        if key in self.live or nbytes <= 0:
+            return
+        self.live[key] = (nbytes, category)
+        self.level += nbytes
+
+    def free(self, key: str) -> None:
+        item = self.live.pop(key, None)
+        if item is not None:
+            self.level -= item[0]
+
+    def recategorise(self, key: str, category: str) -> None:
+        if key in self.live:
+            self.live[key] = (self.live[key][0], category)
+
+    def observe(self, phase: str, node: str, transient: int = 0) -> int:
+        level = self.level + max(transient, 0)
+        if level > self.peak:
+            self.peak = level
+            self.peak_at = (phase, node)
+            breakdown = dict.fromkeys(CATEGORIES, 0)
+            for nbytes, category in self.live.values():
+                breakdown[category] += nbytes
+            breakdown["temporaries"] += max(transient, 0)
+            self.peak_breakdown = breakdown
+        return level
+
+
+def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | None = None,
+             *, packed_bytes: Mapping[str, int] | None = None) -> Timeline:
+    """Replay one training step under ``decisions`` (node -> keep | recompute | compress:*)."""
+    decisions = dict(decisions or {})
+    packed_bytes = dict(packed_bytes or {})
+    node_cost = costs.node
+    storage = costs.storage
+    order = [n.name for n in graph.nodes if n.op in COMPUTE_OPS] + [LOSS]
+    region_of: dict[str, int] = {}
+    regions = regions_of(graph, decisions)
+    for index, members in enumerate(regions):
+        for name in members:
+            region_of[name] = index
+
+    # Which storages each node reads in forward (through any alias).
+    reads: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        keys = set()
+        for inp in node.inputs:
+            keys.update(node_cost[inp].outputs if inp in node_cost else ())
+        reads[node.name] = keys
+    output_reads = reads[graph.nodes[-1].name]
+    reads[LOSS] = set(output_reads)
+    last_read: dict[str, int] = {}
+    for position, name in enumerate(order):
+        for key in reads.get(name, ()):
+            last_read[key] = position
+
+    # Retention for backward: who holds each storage after the forward, and until when.
+    holders: dict[str, set[str]] = {}
+    for name in order:
+        decision = decisions.get(name, "keep")
+        if name in region_of:
+            continue
+        for key in node_cost[name].saved:
+            holders.setdefault(key, set()).add(name)
+    for index, members in enumerate(regions):
+        member_set = set(members)
+        region_inputs = set()
+        for name in members:
+            for inp in graph.node(name).inputs:
+                if inp not in member_set:
+                    region_inputs.update(node_cost[inp].outputs if inp in node_cost else ())
+        for key in region_inputs:
+            holders.setdefault(key, set()).add(f"region:{index}")
+    del decision
+
+    memory = _Memory()
+    fixed = {"parameters": costs.param_bytes + costs.buffer_bytes,
+             "optimizer_state": costs.optimizer_state_bytes, "inputs": costs.input_bytes}
+    for category, nbytes in fixed.items():
+        memory.alloc(f"<{category}>", nbytes, category)
+    events: list[Event] = []
+
+    def packed_size(key: str, holder: str) -> int:
+        return packed_bytes.get(key, storage[key].nbytes)
+
+    # ---- forward -------------------------------------------------------------------
+    for position, name in enumerate(order):
+        cost = node_cost[name]
+        in_region = name in region_of
+        new = [key for key in cost.allocates if storage[key].kind != "input"]
+        added = 0
+        for key in new:
+            if key not in memory.live:
+                added += storage[key].nbytes
+        inside = memory.observe("forward", name, added + cost.temp_bytes)
+        for key in new:
+            memory.alloc(key, storage[key].nbytes, "temporaries")
+        # free what nobody needs any more: not read later, not held for backward
+        for key in new + sorted(reads.get(name, ())):
+            if key not in memory.live or storage[key].kind == "input":
+                continue
+            if last_read.get(key, -1) > position:
+                continue
+            held = holders.get(key)
+            if held:
+                if all(decisions.get(h, "keep").startswith("compress")
+                       for h in held if not h.startswith("region:")) and not any(
+                           h.startswith("region:") for h in held):
+                    size = packed_size(key, name)
+                    memory.free(key)
+                    memory.alloc(key, size, "saved_activations")
+                else:
+                    memory.recategorise(key, "saved_activations")
+                continue
+            memory.free(key)
+        if in_region:  # internal storages of a recomputed node are not kept
+            for key in new:
+                if storage[key].kind == "internal" and not holders.get(key):
+                    memory.free(key)
+        events.append(Event("forward", name, memory.level, inside))
+
+    # ---- backward ------------------------------------------------------------------
+    grads: dict[str, int] = {}          # node name -> grad bytes live for its output
+    param_sizes = dict(costs.params)
+    started_regions: set[int] = set()
+    node_bytes = {node.name: node.output_bytes for node in graph.nodes}
+    output_inputs = graph.nodes[-1].inputs
+    for position in range(len(order) - 1, -1, -1):
+        name = order[position]
+        cost = node_cost[name]
+        if name in region_of and region_of[name] not in started_regions:
+            index = region_of[name]
+            started_regions.add(index)
+            recomputed = []
+            transient = 0
+            for member in regions[index]:
+                member_cost = node_cost[member]
+                transient = max(transient, member_cost.temp_bytes)
+                for key in member_cost.saved:
+                    if key not in memory.live:
+                        recomputed.append(key)
+                        memory.alloc(key, storage[key].nbytes, "saved_activations")
+            events.append(Event("recompute", name, memory.level,
+                                memory.observe("recompute", name, transient)))
+        if not cost.requires_grad:
+            continue
+        # gradients flowing into this node's inputs
+        new_grads = 0
+        accumulate = 0
+        targets = output_inputs if name == LOSS else graph.node(name).inputs
+        for inp in targets:
+            if inp not in node_cost or not node_cost[inp].requires_grad:
+                continue
+            if graph.node(inp).op in ("placeholder", "get_attr"):
+                continue
+            size = node_bytes[inp]
+            if inp in grads:
+                accumulate = max(accumulate, size)
+            else:
+                grads[inp] = size
+                new_grads += size
+                memory.alloc(f"grad:{inp}", size, "temporaries")
+        for param in cost.params:
+            key = f"param_grad:{param}"
+            if key in memory.live:
+                accumulate = max(accumulate, param_sizes.get(param, 0))
+            else:
+                memory.alloc(key, param_sizes.get(param, 0), "gradients")
+        inside = memory.observe("backward", name, accumulate + cost.backward_temp_bytes)
+        # this node's own output gradient and what only it held are released
+        if name in grads:
+            memory.free(f"grad:{name}")
+        for key in list(cost.saved) + list(cost.outputs):
+            held = holders.get(key)
+            if held is not None:
+                held.discard(name)
+        if name in region_of and regions[region_of[name]][0] == name:
+            index = region_of[name]
+            for member in regions[index]:
+                for key in node_cost[member].saved:
+                    if not holders.get(key):
+                        memory.free(key)
+            for held in holders.values():
+                held.discard(f"region:{index}")
+        for key in list(memory.live):
+            if key.startswith("<") or key.startswith("grad") or key.startswith("param_grad"):
+                continue
+            if not holders.get(key):
+                memory.free(key)
+        events.append(Event("backward", name, memory.level, inside))
+
+    # ---- optimizer step ----------------------------------------------------------------
+    for key in list(memory.live):
+        if key.startswith("grad:"):
+            memory.free(key)
+    inside = memory.observe("optimizer", "step", costs.optimizer_step_temp_bytes)
+    events.append(Event("optimizer", "step", memory.level, inside))
+    return Timeline(peak_bytes=memory.peak, peak_phase=memory.peak_at[0],
+                    peak_node=memory.peak_at[1], breakdown=memory.peak_breakdown,
+                    events=tuple(events), fixed_bytes=sum(fixed.values()))

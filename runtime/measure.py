@@ -1,0 +1,124 @@
+"""Measure what a training step really costs: peak bytes and step time.
+
+The peak is defined (README, "What the budget means") as the bytes held at the start of
+a step (parameters, buffers, optimizer state, the batch) plus the peak of the bytes
+PyTorch allocates during the step (forward, loss, backward, optimizer step) as the
+profiler's memory events record them (``profile_memory=True``). Gradients are set to
+``None`` before the step, so they count inside the step, where they are allocated.
+The resident-set size is not used: it is noisy and under-reports.
+
+On CUDA the same quantity is read from the caching allocator's statistics.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    peak_bytes: int           # start_bytes + step_peak_bytes
+    start_bytes: int          # held when the step begins
+    step_peak_bytes: int      # peak allocated during the step, above start
+    step_seconds: float       # median wall time of a step (without the profiler)
+    steps: int
+    loss: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               batch: Sequence[Any]) -> int:
+    """Bytes of distinct storages held by parameters, buffers, optimizer state and batch."""
+    storages: dict[int, int] = {}
+
+    def add(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        add(tensor)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    add(value)
+    for tensor in _tensors(list(batch)):
+        add(tensor)
+    return sum(storages.values())
+
+
+def profiled_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn`` under the profiler; return (peak bytes allocated above entry, result)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    level = peak = 0
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak, result
+
+
+def measure_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], targets: Any,
+                 loss_fn: Callable, optimizer: torch.optim.Optimizer, *, steps: int = 3,
+                 warmup: int = 1) -> StepMeasurement:
+    """Run ``warmup + steps`` real training steps and measure the last ones.
+
+    The first warm-up step creates the optimizer state, so the measured steps start
+    from the state a training loop is in at every later step.
+    """
+    if steps < 1:
+        raise ValueError(f"expected steps >= 1; found {steps}")
+    device = inputs[0].device
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(module(*inputs), targets)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    for _ in range(max(warmup, 1)):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
+    batch = list(inputs) + _tensors(targets)
+    start_bytes = held_bytes(module, optimizer, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        loss = step()
+        torch.cuda.synchronize(device)
+        step_peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        step_peak, loss = profiled_peak(step)
+    return StepMeasurement(peak_bytes=start_bytes + step_peak, start_bytes=start_bytes,
+                           step_peak_bytes=step_peak, step_seconds=statistics.median(times),
+                           steps=steps, loss=loss)
