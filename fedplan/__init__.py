@@ -1,1 +1,27 @@
-"""fedplan: a memory planner for on-device and federated training."""
+"""fedplan: a compiler-style memory planner for on-device and federated training.
+
+    import fedplan
+    planned = fedplan.compile(model, example_inputs, budget="512MB")
+
+See the README for the pipeline (trace, measure, solve, rewrite) and the CLI.
+"""
+
+from .analysis import Analysis, analyze
+from .api import measure
+from .errors import (
+    BadInputError,
+    BudgetInfeasibleError,
+    FedplanError,
+    ModelFileError,
+    PlanMismatchError,
+    SolverError,
+    TraceError,
+)
+from .units import format_bytes, parse_size
+
+__all__ = [
+    "Analysis", "analyze", "measure", "parse_size", "format_bytes",
+    "FedplanError", "BadInputError", "BudgetInfeasibleError", "ModelFileError",
+    "PlanMismatchError", "SolverError", "TraceError",
+]
+__version__ = "0.1.0"

@@ -22,6 +22,7 @@ FLOPs / (device FLOP/s): for planning on a device that is not this machine.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import statistics
 import time
@@ -32,11 +33,12 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ir import PlanGraph
 from .optimizers import check_optimizer, make_optimizer, optimizer_state_bytes
+from .profiling import memory_deltas, memory_profile, peak_allocated
 
 LOSS = "__loss__"
 RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "randn", "randint", "multinomial",
@@ -248,8 +250,7 @@ class _Profiler(torch.fx.Interpreter):
 def _memory_by_scope(prof) -> dict[str, tuple[int, int]]:
     """For each ``fedplan::NAME`` range: (peak above the level at entry, level change)."""
     events = prof.profiler.kineto_results.events()
-    memory = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
-                    key=lambda item: item[0])
+    memory = memory_deltas(prof)
     scopes = [(e.start_ns(), e.end_ns(), e.name()[len("fedplan::"):])
               for e in events if e.name().startswith("fedplan::")]
     result = {}
@@ -259,7 +260,6 @@ def _memory_by_scope(prof) -> dict[str, tuple[int, int]]:
     for _, delta in memory:
         level += delta
         levels.append(level)
-    import bisect
     for start, end, name in scopes:
         i = bisect.bisect_left(times, start)
         j = bisect.bisect_right(times, end)
@@ -293,7 +293,7 @@ def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], ta
     # alone, on detached outputs, so the whole of it is one range.
     detached = _detach_like(outputs)
     loss_alone = loss_fn(detached, targets)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as loss_prof:
+    with memory_profile() as loss_prof:
         with record_function(f"fedplan::{LOSS}"):
             loss_alone.backward()
     loss_scope = _memory_by_scope(loss_prof)
@@ -320,8 +320,9 @@ def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], ta
             if grad_fn is not None and id(grad_fn) not in seen:
                 seen.add(id(grad_fn))
                 bracket(name, grad_fn)
-    del values, outputs
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    values.clear()
+    del outputs
+    with memory_profile() as prof:
         loss.backward()
     scopes = _memory_by_scope(prof)
     scopes.update(loss_scope)
@@ -375,15 +376,9 @@ def measure_optimizer_step_temp(optimizer: str, params: Sequence[torch.nn.Parame
         p.grad = torch.zeros_like(p)
     opt = make_optimizer(optimizer, copies)
     opt.step()  # creates the state, as the first training step does
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with memory_profile() as prof:
         opt.step()
-    level = peak = 0
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak
+    return peak_allocated(prof)
 
 
 def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[torch.Tensor],
@@ -402,7 +397,7 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
 
     say("profiling saved tensors and memory")
     profiler = _Profiler(gm, param_keys, input_ptrs)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with memory_profile() as prof:
         outputs = profiler.run(*inputs)
         profiler.current = LOSS
         profiler.allocates[LOSS] = []
@@ -453,14 +448,13 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
             params=tuple(dict.fromkeys(used)), mutates=profiler.mutates.get(node.name, ()),
             random=_is_random(fx_node, modules)))
     peak, change = scoped.get(LOSS, (0, 0))
-    output_node = graph.nodes[-1]
+    loss_back = backward.get(LOSS, (0, 0))
     costs.append(NodeCost(
         name=LOSS, outputs=(), allocates=tuple(profiler.allocates[LOSS]),
         saved=tuple(profiler.saved[LOSS]), forward_seconds=statistics.median(loss_seconds),
         temp_bytes=max(0, peak - max(change, 0)), requires_grad=True,
-        backward_temp_bytes=max(0, backward.get(LOSS, (0, 0))[0] - max(backward.get(LOSS, (0, 0))[1], 0)),
+        backward_temp_bytes=max(0, loss_back[0] - max(loss_back[1], 0)),
         params=(), mutates=(), random=False))
-    del output_node
     sizes = [p.numel() * p.element_size() for _, p in trainable]
     say("measuring the optimizer step")
     return CostModel(

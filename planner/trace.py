@@ -39,6 +39,7 @@ class _Tracer(torch.fx.Tracer):
         self.leaf_names = leaf_names
         self.leaf_types = leaf_types
         self.fedplan_stack: list[tuple[str, str]] = []
+        self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
@@ -52,6 +53,10 @@ class _Tracer(torch.fx.Tracer):
         self.fedplan_stack.append((qualified, type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the exception first
+                self.failed_in = self.fedplan_stack[-1]
+            raise
         finally:
             self.fedplan_stack.pop()
 
@@ -112,7 +117,7 @@ def symbolic_trace(model: nn.Module, *, leaf_modules: Sequence[Any] = ()
         with _disclose_checkpoints(tracer, notes):
             graph = tracer.trace(model)
     except Exception as exc:
-        where = tracer.fedplan_stack[-1] if tracer.fedplan_stack else ("", type(model).__name__)
+        where = tracer.failed_in or ("", type(model).__name__)
         module_name = where[0] or "<root>"
         frame = _user_frame(exc)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

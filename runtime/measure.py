@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from fedplan.planner.profiling import memory_profile, peak_allocated
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,9 @@ def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
 
 def profiled_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``fn`` under the profiler; return (peak bytes allocated above entry, result)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with memory_profile() as prof:
         result = fn()
-    level = peak = 0
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak, result
+    return peak_allocated(prof), result
 
 
 def measure_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], targets: Any,
