@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from fedplan.planner.profiling import memory_profile, peak_allocated
 
 
