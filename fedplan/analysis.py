@@ -13,7 +13,6 @@ from torch import nn
 
 from fedplan.planner.cost import CostModel, measure_costs
 from fedplan.planner.ir import PlanGraph
-from fedplan.planner.trace import TraceError as _PlannerTraceError
 from fedplan.planner.trace import build_plan_graph, symbolic_trace
 
 from .errors import BadInputError, TraceError
@@ -45,8 +44,6 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
     """Trace ``model`` (sharing its parameters) and read it into a validated PlanGraph."""
     try:
         graph_module, notes = symbolic_trace(model, leaf_modules=leaf_modules)
-    except _PlannerTraceError as exc:
-        raise TraceError(str(exc)) from exc
     except TypeError as exc:
         raise BadInputError(str(exc)) from exc
     try:

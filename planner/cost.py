@@ -234,8 +234,10 @@ class _Profiler(torch.fx.Interpreter):
             key = self.owner.get(ptr)
             if key is None:
                 key = n.name if index == 0 or n.name not in self.storages else f"{n.name}:{index}"
-                kind = "input" if (n.op == "placeholder" or ptr in self.input_ptrs) else (
-                    "activation")
+                # model inputs and attributes (buffers, constants) are held by their
+                # owners for the whole step: never freed, never planned
+                kind = "input" if (n.op in ("placeholder", "get_attr")
+                                   or ptr in self.input_ptrs) else "activation"
                 self.owner[ptr] = key
                 self.storages[key] = Storage(key, tensor.untyped_storage().nbytes(), n.name, kind)
                 if kind == "activation" and n.op != "get_attr":

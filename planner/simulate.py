@@ -224,6 +224,8 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                 member_cost = node_cost[member]
                 transient = max(transient, member_cost.temp_bytes)
                 for key in member_cost.saved:
+                    # a recomputed saved tensor lives until its own node's backward
+                    holders.setdefault(key, set()).add(member)
                     if key not in memory.live:
                         recomputed.append(key)
                         memory.alloc(key, storage[key].nbytes, "saved_activations")

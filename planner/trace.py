@@ -24,11 +24,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import TraceError
 from .ir import IRNode, PlanGraph
-
-
-class TraceError(Exception):
-    """fx could not trace the model (re-raised by the public face as fedplan.TraceError)."""
 
 
 class _Tracer(torch.fx.Tracer):

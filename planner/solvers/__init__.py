@@ -1,0 +1,147 @@
+"""Solvers behind one interface, registered by name.
+
+A solver is a function ``(graph, costs, budget_bytes, options) -> SolveResult``: the same
+inputs and the same result type for every one. ``solve`` runs one, then holds its answer
+against the independent simulator and builds the Plan; a result the simulator says
+breaks the budget is a bug and raises ``SolverError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..candidates import plan_space
+from ..cost import CostModel
+from ..errors import BadInputError, BudgetInfeasibleError, SolverError
+from ..ir import PlanGraph
+from ..plan import Plan
+from ..simulate import simulate
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverOptions:
+    """Knobs shared by the solvers; each ignores what it does not use."""
+
+    time_limit_seconds: float = 30.0
+    """Wall-clock limit for an exact solver; the best plan found by then is returned."""
+    workers: int = 8
+    """Threads for the MIP backend (CP-SAT needs about 8 on 2 cores to prove optimality)."""
+    seed: int = 0
+    """Random seed passed to the backend, so runs repeat."""
+    backend: str = "HIGHS"
+    """OR-Tools MIP backend for ``ilp``: HIGHS, SCIP, CBC or CP_SAT (see BENCHMARKS.md)."""
+    warm_start: bool = True
+    """Hint the ILP with the greedy plan."""
+
+    def __post_init__(self):
+        if self.time_limit_seconds <= 0:
+            raise BadInputError(f"expected a positive time limit; found "
+                                f"{self.time_limit_seconds}")
+        if self.workers < 1:
+            raise BadInputError(f"expected workers >= 1; found {self.workers}")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    decisions: dict[str, str]
+    status: str                # optimal | feasible | heuristic | baseline
+    objective: float           # added seconds of recomputation (the solver's objective)
+    bound: float | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+Solver = Callable[[PlanGraph, CostModel, int, SolverOptions], SolveResult]
+_REGISTRY: dict[str, Solver] = {}
+
+
+def register(name: str) -> Callable[[Solver], Solver]:
+    def decorate(function: Solver) -> Solver:
+        _REGISTRY[name] = function
+        return function
+    return decorate
+
+
+def solver_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_solver(name: str) -> Solver:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise BadInputError(f"unknown solver {name!r}; valid solvers: "
+                            f"{', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _load_builtin() -> None:
+    from . import baselines, greedy, ilp  # noqa: F401  (registration on import)
+
+
+def overhead_seconds(costs: CostModel, decisions: dict[str, str]) -> float:
+    return sum(costs.node[name].forward_seconds
+               for name, decision in decisions.items() if decision == "recompute")
+
+
+def minimum_peak(graph: PlanGraph, costs: CostModel) -> tuple[int, dict[str, int]]:
+    """The smallest peak the keep/recompute plan space reaches, and its breakdown.
+
+    Found by the ILP in min-peak mode and confirmed by the simulator.
+    """
+    from .ilp import solve_min_peak
+    decisions = solve_min_peak(graph, costs)
+    timeline = simulate(graph, costs, decisions)
+    return timeline.peak_bytes, timeline.breakdown
+
+
+def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str = "ilp",
+          options: SolverOptions | None = None, model_name: str | None = None) -> Plan:
+    """Run ``solver`` and return a Plan whose simulated peak is within ``budget_bytes``."""
+    function = get_solver(solver)
+    options = options or SolverOptions()
+    keep_all = simulate(graph, costs)
+    floor = costs.fixed_bytes + costs.grad_bytes
+    if budget_bytes < floor:
+        raise BudgetInfeasibleError(
+            f"budget {budget_bytes} B is below the fixed costs of a step, {floor} B "
+            f"(parameters and buffers {costs.param_bytes + costs.buffer_bytes} B, gradients "
+            f"{costs.grad_bytes} B, optimizer state {costs.optimizer_state_bytes} B, batch "
+            f"{costs.input_bytes} B); no plan can fit: raise the budget or shrink the batch",
+            smallest_bytes=None, breakdown={})
+    start = time.perf_counter()
+    result = function(graph, costs, budget_bytes, options)
+    seconds = time.perf_counter() - start
+    space = plan_space(graph, costs)
+    decisions = {name: result.decisions.get(name, "keep") for name in space.candidates}
+    timeline = simulate(graph, costs, decisions)
+    if timeline.peak_bytes > budget_bytes:
+        raise SolverError(
+            f"solver {solver!r} returned a plan whose simulated peak {timeline.peak_bytes} B "
+            f"exceeds the budget {budget_bytes} B; this is a bug in fedplan, please report it")
+    return Plan(
+        fingerprint=graph.fingerprint, model_name=model_name or graph.name,
+        batch_size=costs.batch_size, budget_bytes=int(budget_bytes),
+        optimizer=costs.optimizer, decisions=tuple(decisions.items()),
+        predicted_peak_bytes=timeline.peak_bytes,
+        predicted_overhead_seconds=overhead_seconds(costs, decisions),
+        keep_all_peak_bytes=keep_all.peak_bytes, solver=solver, status=result.status,
+        objective=result.objective, bound=result.bound, solve_seconds=seconds,
+        breakdown=timeline.breakdown, notes=result.notes)
+
+
+def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str
+               ) -> BudgetInfeasibleError:
+    """The error for a budget below what the plan space reaches, with the smallest peak."""
+    smallest, breakdown = minimum_peak(graph, costs)
+    parts = ", ".join(f"{key.replace('_', ' ')} {value} B" for key, value in breakdown.items())
+    return BudgetInfeasibleError(
+        f"budget {budget_bytes} B is below the smallest peak this plan space reaches "
+        f"({smallest} B: {parts}); solver {solver!r} found no plan: raise the budget to at "
+        f"least {smallest} B, shrink the batch, or allow compression",
+        smallest_bytes=smallest, breakdown=breakdown)
+
+
+__all__ = ["SolveResult", "SolverOptions", "get_solver", "infeasible", "minimum_peak",
+           "overhead_seconds", "register", "solve", "solver_names"]

@@ -1,0 +1,409 @@
+"""``ilp``: an integer program over keep/recompute decisions, solved with OR-Tools.
+
+Variables (one per decision unit, see ``planner.candidates``):
+
+* ``r[g]`` in {0, 1}: the unit is recomputed (runs in a checkpoint region);
+* ``h[k]`` in [0, 1]: storage ``k`` is retained for backward (its saver is kept, or it
+  is the input of a region); the objective never rewards ``h``, so it is 1 exactly when a
+  constraint forces it;
+* ``z[u, c]`` in [0, 1]: producer ``u`` and consumer ``c`` lie in one region (every node
+  from ``u`` to ``c`` recomputed);
+* ``a[i]`` >= 0: bytes recomputed for the region around position ``i`` that are live when
+  backward reaches ``i`` (a running sum that restarts at every kept node);
+* prefix sums ``Rf`` and ``Rb`` of retained bytes in forward and backward order, so each
+  memory constraint has a constant number of terms and the model stays linear in size.
+
+Constraints: a memory inequality at every forward position, every backward position and
+at every region's recomputation, each an upper bound on what the simulator replays (the
+backward bounds free a retained storage only once backward passes its producer, which is
+never earlier than the runtime frees it). Objective: minimise the seconds of forward work
+recomputed. Bytes are scaled to KiB and seconds to milliseconds for the backend.
+
+The result is then checked by the simulator like every solver's; because the model is an
+upper bound, the check passes unless the model has a bug.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ortools.linear_solver import pywraplp
+
+from ..candidates import plan_space
+from ..cost import LOSS, CostModel
+from ..errors import SolverError
+from ..ir import PlanGraph
+from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
+
+KIB = 1024.0
+
+
+@dataclass
+class _Facts:
+    """Constants read off the graph and cost model, in positions of the compute order."""
+
+    order: list[str]
+    position: dict[str, int]
+    unit_of: dict[str, int]                  # candidate node -> decision unit
+    storages: list[str]                      # activation and internal storages
+    size: dict[str, float]                   # KiB
+    producer: dict[str, int]
+    end_read: dict[str, int]                 # last forward reader (or producer)
+    savers: dict[str, list[int]]
+    readers: dict[str, list[tuple[int, int]]]  # storage -> (provider position, reader pos)
+    free_from: dict[str, int]                # backward: freed no earlier than this position
+    forward_extra: list[float]               # new bytes + temporaries at each position
+    backward_base: list[float]               # grads live at each backward position
+    backward_extra: list[float]              # backward temporaries + accumulation
+    produced: list[list[str]]                # storages created at each position
+    fixed: float
+    optimizer_peak: float
+    max_forward_temp: float
+
+
+def _facts(graph: PlanGraph, costs: CostModel) -> _Facts:
+    space = plan_space(graph, costs)
+    order = list(space.order)
+    position = {name: i for i, name in enumerate(order)}
+    node_cost = costs.node
+    storage = costs.storage
+    inputs_of = {node.name: node.inputs for node in graph.nodes}
+    inputs_of[LOSS] = graph.nodes[-1].inputs
+    sizes = {k: storage[k].nbytes / KIB for k in storage if storage[k].kind != "input"}
+    producer = {k: position[storage[k].producer] for k in sizes}
+    end_read = dict(producer)
+    readers: dict[str, list[tuple[int, int]]] = {k: [] for k in sizes}
+    for name in order:
+        for inp in inputs_of[name]:
+            provider = position.get(inp)
+            for key in node_cost[inp].outputs if inp in node_cost else ():
+                if key in sizes:
+                    end_read[key] = max(end_read[key], position[name])
+                    if provider is not None:
+                        readers[key].append((provider, position[name]))
+    savers: dict[str, list[int]] = {k: [] for k in sizes}
+    for name in order:
+        for key in node_cost[name].saved:
+            if key in savers:
+                savers[key].append(position[name])
+    free_from = {k: min(savers[k] + [producer[k] + 1]) for k in sizes}
+
+    n = len(order)
+    forward_extra = []
+    produced = []
+    for name in order:
+        cost = node_cost[name]
+        new = sum(sizes.get(k, 0.0) for k in cost.allocates)
+        forward_extra.append(new + cost.temp_bytes / KIB)
+        produced.append([k for k in cost.allocates if k in sizes])
+
+    # gradients: the grad of u lives from its last consumer's backward to u's own
+    requires = {name: node_cost[name].requires_grad for name in order}
+    grad_span: dict[str, int] = {}
+    op_of = {node.name: node.op for node in graph.nodes}
+    for name in order:
+        if not requires[name]:
+            continue
+        for inp in inputs_of[name]:
+            if inp in position and requires.get(inp) and op_of.get(inp) in (
+                    "call_module", "call_function", "call_method"):
+                grad_span[inp] = max(grad_span.get(inp, -1), position[name])
+    output_bytes = {node.name: node.output_bytes / KIB for node in graph.nodes}
+    param_size = {key: nbytes / KIB for key, nbytes in costs.params}
+    param_last: dict[str, int] = {}
+    param_users: dict[str, int] = {}
+    for name in order:
+        if not requires[name]:
+            continue
+        for param in node_cost[name].params:
+            param_last[param] = max(param_last.get(param, -1), position[name])
+            param_users[param] = param_users.get(param, 0) + 1
+    backward_base = [0.0] * n
+    backward_extra = [0.0] * n
+    for u, last in grad_span.items():
+        for i in range(position[u], last + 1):
+            backward_base[i] += output_bytes[u]
+    for param, last in param_last.items():
+        for i in range(0, last + 1):
+            backward_base[i] += param_size.get(param, 0.0)
+    for i, name in enumerate(order):
+        cost = node_cost[name]
+        accumulate = 0.0
+        for inp in inputs_of[name]:
+            if inp in grad_span and grad_span[inp] > i:
+                accumulate = max(accumulate, output_bytes[inp])
+        for param in cost.params:
+            if param_last.get(param, -1) > i:
+                accumulate = max(accumulate, param_size.get(param, 0.0))
+        backward_extra[i] = accumulate + cost.backward_temp_bytes / KIB
+    fixed = costs.fixed_bytes / KIB
+    optimizer_peak = fixed + costs.grad_bytes / KIB + costs.optimizer_step_temp_bytes / KIB
+    unit_of = {name: index for index, group in enumerate(space.groups) for name in group}
+    max_temp = max((node_cost[name].temp_bytes / KIB for name in unit_of), default=0.0)
+    return _Facts(order, position, unit_of, list(sizes), sizes, producer, end_read, savers,
+                  readers, free_from, forward_extra, backward_base, backward_extra,
+                  produced, fixed, optimizer_peak, max_temp)
+
+
+class _Model:
+    """The MIP: built once for a budget (or to minimise the peak when budget is None)."""
+
+    def __init__(self, facts: _Facts, costs: CostModel, budget_bytes: int | None,
+                 options: SolverOptions):
+        self.facts = facts
+        solver = pywraplp.Solver.CreateSolver(options.backend)
+        if solver is None:
+            raise SolverError(f"OR-Tools backend {options.backend!r} is not available; "
+                              f"use HIGHS, SCIP, CBC or CP_SAT")
+        solver.SuppressOutput()
+        self.solver = solver
+        self.backend = options.backend
+        infinity = solver.infinity()
+        order = facts.order
+        n = len(order)
+        unit_count = max(facts.unit_of.values(), default=-1) + 1
+        self.r = [solver.BoolVar(f"r_{g}") for g in range(unit_count)]
+
+        def r_at(i: int):
+            unit = facts.unit_of.get(order[i])
+            return None if unit is None else self.r[unit]
+
+        budget = (solver.NumVar(0, infinity, "peak") if budget_bytes is None
+                  else budget_bytes / KIB)
+        self.peak_var = budget if budget_bytes is None else None
+
+        # kept[i]: number of kept compute nodes at positions <= i (a prefix count), so
+        # "u and c lie in one region" is "no kept node from u to c": one constraint
+        kept_prefix = []
+        running_kept = None
+        for i in range(n):
+            r = r_at(i)
+            count = solver.NumVar(0, infinity, f"K_{i}")
+            solver.Add(count == (running_kept if running_kept is not None else 0)
+                       + (1 if r is None else 1 - r))
+            kept_prefix.append(count)
+            running_kept = count
+
+        # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
+        h: dict[str, object] = {}
+        for key in facts.storages:
+            saver_rs = []
+            always = False
+            for saver in facts.savers[key]:
+                r = r_at(saver)
+                if r is None:
+                    always = True
+                    break
+                saver_rs.append(r)
+            region_inputs = []
+            if not always:
+                for provider, reader in facts.readers[key]:
+                    r_reader = r_at(reader)
+                    if r_reader is not None:
+                        region_inputs.append((provider, reader, r_reader))
+            if always:
+                h[key] = 1.0
+                continue
+            if not saver_rs and not region_inputs:
+                h[key] = 0.0
+                continue
+            var = solver.NumVar(0, 1, f"h_{key}")
+            h[key] = var
+            for r in saver_rs:
+                solver.Add(var >= 1 - r)  # a kept saver holds the storage for backward
+            for provider, reader, r_reader in region_inputs:
+                if r_at(provider) is None:
+                    solver.Add(var >= r_reader)  # provider is always kept: a region input
+                    continue
+                before = kept_prefix[provider - 1] if provider > 0 else 0
+                same = solver.NumVar(0, 1, f"z_{key}_{provider}_{reader}")
+                # one region only if no node from provider to reader is kept
+                solver.Add(same <= 1 - (kept_prefix[reader] - before))
+                solver.Add(var >= r_reader - same)  # a region saves inputs from outside it
+
+        def retained(keys):
+            constant = 0.0
+            variables = []
+            for key in keys:
+                value = h[key]
+                if isinstance(value, float):
+                    constant += value * facts.size[key]
+                else:
+                    variables.append(facts.size[key] * value)
+            return constant, variables
+
+        # forward: storages still to be read are live; older ones only if retained
+        by_end: dict[int, list[str]] = {}
+        live_delta = [0.0] * (n + 1)
+        for key in facts.storages:
+            by_end.setdefault(facts.end_read[key], []).append(key)
+            live_delta[facts.producer[key] + 1] += facts.size[key]
+            live_delta[facts.end_read[key] + 1] -= facts.size[key]
+        live = 0.0
+        previous = None
+        for i in range(n):
+            live += live_delta[i]
+            constant, variables = retained(by_end.get(i - 1, []))
+            prefix = solver.NumVar(0, infinity, f"Rf_{i}")
+            solver.Add(prefix == (previous if previous is not None else 0)
+                       + constant + solver.Sum(variables))  # retained, read before i
+            previous = prefix
+            solver.Add(facts.fixed + live + prefix + facts.forward_extra[i] <= budget)
+
+        # backward: retained storages are held until backward passes their producer
+        by_free: dict[int, list[str]] = {}
+        for key in facts.storages:
+            by_free.setdefault(facts.free_from[key], []).append(key)
+        total_bytes = sum(facts.size.values()) + 1.0
+        temps = [costs.node[name].temp_bytes / KIB for name in order]
+        a_previous = None
+        t_previous = None
+        backward_prefix = []
+        running = None
+        for i in range(n):
+            constant, variables = retained(by_free.get(i, []))
+            prefix = solver.NumVar(0, infinity, f"Rb_{i}")
+            solver.Add(prefix == (running if running is not None else 0)
+                       + constant + solver.Sum(variables))
+            running = prefix
+            backward_prefix.append(prefix)
+        # Rb_i holds the retained storages with free_from <= i: the ones that may still be
+        # live when backward reaches position i.
+        for i in range(n):
+            r = r_at(i)
+            if r is None:
+                a_previous = t_previous = None
+                recomputed = 0
+            else:
+                # a: bytes a region re-materialises up to i (storages produced inside it
+                # and not retained anyway); restarts at every kept node
+                a = solver.NumVar(0, infinity, f"a_{i}")
+                base = a_previous if a_previous is not None else 0
+                fresh = [facts.size[key] * (1 - h[key]) for key in facts.produced[i]]
+                solver.Add(a >= base + solver.Sum(fresh) - total_bytes * (1 - r))
+                # tau: the largest forward temporary of the region so far
+                tau = solver.NumVar(0, infinity, f"tau_{i}")
+                solver.Add(tau >= temps[i] * r)
+                if t_previous is not None:
+                    solver.Add(tau >= t_previous - facts.max_forward_temp * (1 - r))
+                a_previous, t_previous = a, tau
+                recomputed = a
+                # the recomputation itself, when backward enters the region
+                solver.Add(facts.fixed + backward_prefix[i] + a + facts.backward_base[i]
+                           + tau <= budget)
+            solver.Add(facts.fixed + backward_prefix[i] + recomputed
+                       + facts.backward_base[i] + facts.backward_extra[i] <= budget)
+
+        # objective: recompute seconds (ms), or the peak first when minimising it
+        seconds = {}
+        for name, unit in facts.unit_of.items():
+            seconds[unit] = seconds.get(unit, 0.0) + costs.node[name].forward_seconds * 1e3
+        recompute_ms = solver.Sum(seconds.get(g, 0.0) * self.r[g] for g in range(unit_count))
+        if budget_bytes is None:
+            solver.Minimize(budget + 1e-6 * recompute_ms)
+        else:
+            solver.Minimize(recompute_ms)
+        solver.SetTimeLimit(int(options.time_limit_seconds * 1000))
+        solver.SetNumThreads(options.workers)
+        # HiGHS prints a banner on stdout (which would corrupt --json) unless output_flag
+        # is off; pywraplp reports False for these HiGHS strings but applies them.
+        seeds = {"HIGHS": f"output_flag = false\nrandom_seed = {options.seed}",
+                 "SCIP": f"randomization/randomseedshift = {options.seed}",
+                 "CP_SAT": f"random_seed:{options.seed}"}
+        if options.backend in seeds:
+            solver.SetSolverSpecificParametersAsString(seeds[options.backend])
+
+    def hint(self, decisions: Mapping[str, str]) -> None:
+        if self.backend == "HIGHS":
+            # pywraplp's SetHint crashes the HiGHS backend (segfault in Solve, OR-Tools
+            # 9.15.6755, reproduced on a 5-variable model); HiGHS runs without a hint.
+            return
+        values = {}
+        for name, unit in self.facts.unit_of.items():
+            values[unit] = 1.0 if decisions.get(name) == "recompute" else 0.0
+        self.solver.SetHint(self.r, [values.get(g, 0.0) for g in range(len(self.r))])
+
+    def solve(self) -> tuple[int, dict[str, str]]:
+        status = self.solver.Solve()
+        decisions = {}
+        if status in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
+            for name, unit in self.facts.unit_of.items():
+                decisions[name] = "recompute" if self.r[unit].solution_value() > 0.5 else "keep"
+        return status, decisions
+
+
+def solve_min_peak(graph: PlanGraph, costs: CostModel,
+                   options: SolverOptions | None = None) -> dict[str, str]:
+    """Decisions that minimise the (modelled) peak; ties broken by least recompute."""
+    options = options or SolverOptions(time_limit_seconds=20)
+    model = _Model(_facts(graph, costs), costs, None, options)
+    status, decisions = model.solve()
+    if not decisions:
+        raise SolverError(f"the min-peak ILP ended with status {status}; this is a bug")
+    return decisions
+
+
+@register("ilp")
+def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
+              options: SolverOptions) -> SolveResult:
+    from .greedy import greedy_decisions
+
+    start = time.perf_counter()
+    facts = _facts(graph, costs)
+    notes = []
+    if facts.optimizer_peak * KIB > budget_bytes:
+        raise infeasible(graph, costs, budget_bytes, "ilp")
+    model = _Model(facts, costs, budget_bytes, options)
+    warm = greedy_decisions(graph, costs, budget_bytes) if options.warm_start else None
+    if warm:
+        model.hint(warm)
+    status, decisions = model.solve()
+    if decisions and warm and overhead_seconds(costs, warm) < overhead_seconds(costs, decisions):
+        # the ILP's memory model is an upper bound; the greedy, judged by the exact
+        # simulator, can fit a cheaper plan than the ILP proves optimal for its model
+        notes.append(f"the greedy warm start ({overhead_seconds(costs, warm) * 1e3:.3f} ms) "
+                     f"beat the ILP's plan ({overhead_seconds(costs, decisions) * 1e3:.3f} ms) "
+                     f"under the exact simulator; returned the greedy plan")
+        return SolveResult(decisions=warm, status="feasible",
+                           objective=overhead_seconds(costs, warm),
+                           bound=model.solver.Objective().BestBound() / 1e3,
+                           notes=tuple(notes))
+    objective = model.solver.Objective().Value() / 1e3 if decisions else 0.0
+    bound = model.solver.Objective().BestBound() / 1e3 if decisions else None
+    if status == pywraplp.Solver.OPTIMAL:
+        state = "optimal"
+        bound = objective if bound is None or bound > objective else bound
+    elif status == pywraplp.Solver.FEASIBLE:
+        state = "feasible"
+        notes.append(f"time limit {options.time_limit_seconds:g} s reached; best bound "
+                     f"{bound:.6f} s")
+    elif status == pywraplp.Solver.INFEASIBLE:
+        if warm:  # the ILP's conservative model missed a plan the simulator accepts
+            notes.append("the ILP's conservative memory model found no plan; returned the "
+                         "greedy plan, which the simulator accepts")
+            return SolveResult(decisions=warm, status="heuristic",
+                               objective=sum(costs.node[n].forward_seconds for n, d in
+                                             warm.items() if d == "recompute"),
+                               bound=None, notes=tuple(notes))
+        raise infeasible(graph, costs, budget_bytes, "ilp")
+    elif status == pywraplp.Solver.MODEL_INVALID:
+        raise SolverError("the ILP model is invalid (OR-Tools MODEL_INVALID); this is a bug "
+                          "in fedplan, please report it with the model file")
+    else:  # NOT_SOLVED, ABNORMAL, UNBOUNDED: nothing usable
+        if warm:
+            notes.append(f"the MIP backend ended with status {status} and no solution; "
+                         f"returned the greedy plan")
+            return SolveResult(decisions=warm, status="heuristic",
+                               objective=sum(costs.node[n].forward_seconds for n, d in
+                                             warm.items() if d == "recompute"),
+                               bound=None, notes=tuple(notes))
+        raise SolverError(f"the MIP backend {options.backend} ended with status {status} "
+                          f"and no solution within {options.time_limit_seconds:g} s; raise "
+                          f"--time-limit")
+    notes.append(f"{options.backend}: {len(model.solver.variables())} variables, "
+                 f"{len(model.solver.constraints())} constraints, "
+                 f"{time.perf_counter() - start:.2f} s")
+    return SolveResult(decisions=decisions, status=state, objective=objective, bound=bound,
+                       notes=tuple(notes))
