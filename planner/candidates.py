@@ -96,11 +96,19 @@ def articulation_points(graph: PlanGraph, costs: CostModel) -> list[str]:
             for key in costs.node[inp].outputs if inp in costs.node else ():
                 if storage[key].kind != "input":
                     last_read[key] = max(last_read.get(key, -1), reader)
+    # sweep: crossing(i) = storages produced at or before i and read after i
+    starts = [0] * (len(order) + 1)
+    for key, last in last_read.items():
+        produced = position.get(storage[key].producer, -1)
+        if produced >= 0 and last > produced:
+            starts[produced] += 1          # crosses every cut from produced ...
+            starts[last] -= 1              # ... up to last - 1
     cuts = []
+    crossing = 0
     for i, name in enumerate(order):
-        own = set(costs.node[name].outputs)
-        crossing = {key for key, last in last_read.items()
-                    if last > i and position.get(storage[key].producer, -1) <= i}
-        if crossing and crossing <= own:
+        crossing += starts[i]
+        own = sum(1 for key in costs.node[name].outputs
+                  if last_read.get(key, -1) > i and storage[key].producer == name)
+        if crossing and crossing == own:
             cuts.append(name)
     return cuts

@@ -143,6 +143,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
 
     # Retention for backward: who holds each storage after the forward, and until when.
     holders: dict[str, set[str]] = {}
+    region_keys: list[set[str]] = []
     for name in order:
         decision = decisions.get(name, "keep")
         if name in region_of:
@@ -156,6 +157,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             for inp in graph.node(name).inputs:
                 if inp not in member_set:
                     region_inputs.update(node_cost[inp].outputs if inp in node_cost else ())
+        region_keys.append(region_inputs)
         for key in region_inputs:
             holders.setdefault(key, set()).add(f"region:{index}")
     del decision
@@ -259,22 +261,20 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         # this node's own output gradient and what only it held are released
         if name in grads:
             memory.free(f"grad:{name}")
-        for key in list(cost.saved) + list(cost.outputs):
+        released = list(cost.saved) + list(cost.outputs)
+        for key in released:
             held = holders.get(key)
             if held is not None:
                 held.discard(name)
         if name in region_of and regions[region_of[name]][0] == name:
             index = region_of[name]
             for member in regions[index]:
-                for key in node_cost[member].saved:
-                    if not holders.get(key):
-                        memory.free(key)
-            for held in holders.values():
-                held.discard(f"region:{index}")
-        for key in list(memory.live):
-            if key.startswith("<") or key.startswith("grad") or key.startswith("param_grad"):
-                continue
-            if not holders.get(key):
+                released.extend(node_cost[member].saved)
+            for key in region_keys[index]:
+                holders[key].discard(f"region:{index}")
+                released.append(key)
+        for key in released:  # freed once nobody holds it any more
+            if key in memory.live and not holders.get(key) and storage[key].kind != "input":
                 memory.free(key)
         events.append(Event("backward", name, memory.level, inside))
 

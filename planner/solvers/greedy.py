@@ -21,7 +21,7 @@ from ..ir import PlanGraph
 from ..simulate import simulate
 from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
 
-PRUNE_LIMIT = 200  # simulations spent giving back units; enough for the zoo's graphs
+SIMULATIONS = 160  # at most this many simulator runs per call (about 5 s at 1,000 nodes)
 
 
 def _segments(space: PlanSpace, cuts: list[str], count: int) -> list[int]:
@@ -36,13 +36,16 @@ def _segments(space: PlanSpace, cuts: list[str], count: int) -> list[int]:
             if not boundaries.intersection(group)]
 
 
-def greedy_decisions(graph: PlanGraph, costs: CostModel, budget_bytes: int
-                     ) -> dict[str, str] | None:
+def greedy_decisions(graph: PlanGraph, costs: CostModel, budget_bytes: int, *,
+                     max_simulations: int = SIMULATIONS) -> dict[str, str] | None:
     space = plan_space(graph, costs)
     unit_seconds = [sum(costs.node[name].forward_seconds for name in group)
                     for group in space.groups]
 
+    calls = [0]
+
     def peak(units) -> int:
+        calls[0] += 1
         return simulate(graph, costs, space.decisions_from_groups(units)).peak_bytes
 
     def seconds(units) -> float:
@@ -51,9 +54,9 @@ def greedy_decisions(graph: PlanGraph, costs: CostModel, budget_bytes: int
     if peak([]) <= budget_bytes:
         return space.decisions_from_groups([])
     fitting: list[list[int]] = []
-    # 1. segment plans, one per segment count
+    # 1. segment plans, for up to 40 segment counts spread over 1 .. cuts + 1
     cuts = articulation_points(graph, costs)
-    for count in range(1, len(cuts) + 2):
+    for count in _counts(len(cuts) + 1):
         units = _segments(space, cuts, count)
         if peak(units) <= budget_bytes:
             fitting.append(units)
@@ -80,11 +83,28 @@ def greedy_decisions(graph: PlanGraph, costs: CostModel, budget_bytes: int
         return None
     chosen = min(fitting, key=seconds)
     # give back units the budget does not need, most expensive first
-    for index in sorted(chosen, key=lambda i: -unit_seconds[i])[:PRUNE_LIMIT]:
+    spare = max(0, max_simulations - calls[0])
+    for index in sorted(chosen, key=lambda i: -unit_seconds[i])[:spare]:
         trial = [i for i in chosen if i != index]
         if peak(trial) <= budget_bytes:
             chosen = trial
     return space.decisions_from_groups(chosen)
+
+
+def _counts(largest: int, samples: int = 40) -> list[int]:
+    if largest <= samples:
+        return list(range(1, largest + 1))
+    return sorted({max(1, round(1 + (largest - 1) * k / (samples - 1))) for k in range(samples)})
+
+
+def greedy_min_peak(graph: PlanGraph, costs: CostModel) -> dict[str, str]:
+    """The segment plan (over the sampled segment counts) with the lowest simulated peak."""
+    space = plan_space(graph, costs)
+    cuts = articulation_points(graph, costs)
+    plans = [space.decisions_from_groups([])] + [
+        space.decisions_from_groups(_segments(space, cuts, count))
+        for count in _counts(len(cuts) + 1)]
+    return min(plans, key=lambda d: simulate(graph, costs, d).peak_bytes)
 
 
 @register("greedy")

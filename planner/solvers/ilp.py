@@ -36,8 +36,17 @@ from ..cost import LOSS, CostModel
 from ..errors import SolverError
 from ..ir import PlanGraph
 from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
+from ._cpsat import CpSatModel
 
 KIB = 1024.0
+# Producer-consumer spans longer than this are modelled as crossing a region boundary (the
+# consumer's region then saves the value): conservative, and it keeps the model linear in
+# size on long skip connections. Such regions would recompute half a network anyway.
+REGION_SPAN = 32
+# Above this many decision units the ILP ties adjacent units (see coarse_units): measured
+# on a 966-node ViT (962 units) CP-SAT with the greedy hint found plans in 10 s; tied
+# 211-unit coarse spaces were harder for it (no plan in 3 s), so coarsening starts late.
+MAX_UNITS = 1000
 
 
 @dataclass
@@ -57,13 +66,51 @@ class _Facts:
     forward_extra: list[float]               # new bytes + temporaries at each position
     backward_base: list[float]               # grads live at each backward position
     backward_extra: list[float]              # backward temporaries + accumulation
-    produced: list[list[str]]                # storages created at each position
+    produced: list[list[str]]                # storages re-made for backward, by first saver
     fixed: float
     optimizer_peak: float
     max_forward_temp: float
 
 
-def _facts(graph: PlanGraph, costs: CostModel) -> _Facts:
+def coarse_units(graph: PlanGraph, costs: CostModel, max_units: int) -> dict[str, int]:
+    """Decision units for the ILP: the plan space's, merged when there are too many.
+
+    Above ``max_units`` units, units that save nothing are tied to the unit before them
+    (adjacent in topological order), then runs of adjacent units are tied until at most
+    ``max_units`` remain. Tying decisions only shrinks the plan space, so the ILP stays
+    exact for the space it solves; the result is reported as feasible, not optimal.
+    """
+    space = plan_space(graph, costs)
+    position = {name: i for i, name in enumerate(space.order)}
+    units = [list(group) for group in space.groups]
+    if len(units) > max_units:
+        merged: list[list[str]] = []
+        for group in units:
+            saves = sum(costs.saved_bytes(name) for name in group)
+            if (merged and saves == 0
+                    and position[group[0]] == position[merged[-1][-1]] + 1):
+                merged[-1].extend(group)
+            else:
+                merged.append(list(group))
+        units = merged
+    if len(units) > max_units:
+        factor = -(-len(units) // max_units)
+        merged = []
+        run = 0
+        for group in units:
+            adjacent = merged and position[group[0]] == position[merged[-1][-1]] + 1
+            if adjacent and run < factor:
+                merged[-1].extend(group)
+                run += 1
+            else:
+                merged.append(list(group))
+                run = 1
+        units = merged
+    return {name: index for index, group in enumerate(units) for name in group}
+
+
+def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = None
+           ) -> _Facts:
     space = plan_space(graph, costs)
     order = list(space.order)
     position = {name: i for i, name in enumerate(order)}
@@ -97,7 +144,12 @@ def _facts(graph: PlanGraph, costs: CostModel) -> _Facts:
         cost = node_cost[name]
         new = sum(sizes.get(k, 0.0) for k in cost.allocates)
         forward_extra.append(new + cost.temp_bytes / KIB)
-        produced.append([k for k in cost.allocates if k in sizes])
+        produced.append([])
+    # a recomputed storage lives from its region's recomputation until backward passes
+    # its first saver: it is counted in the region's running sum from that saver on
+    for key in sizes:
+        if savers[key]:
+            produced[min(savers[key])].append(key)
 
     # gradients: the grad of u lives from its last consumer's backward to u's own
     requires = {name: node_cost[name].requires_grad for name in order}
@@ -140,7 +192,8 @@ def _facts(graph: PlanGraph, costs: CostModel) -> _Facts:
         backward_extra[i] = accumulate + cost.backward_temp_bytes / KIB
     fixed = costs.fixed_bytes / KIB
     optimizer_peak = fixed + costs.grad_bytes / KIB + costs.optimizer_step_temp_bytes / KIB
-    unit_of = {name: index for index, group in enumerate(space.groups) for name in group}
+    if unit_of is None:
+        unit_of = {name: index for index, group in enumerate(space.groups) for name in group}
     max_temp = max((node_cost[name].temp_bytes / KIB for name in unit_of), default=0.0)
     return _Facts(order, position, unit_of, list(sizes), sizes, producer, end_read, savers,
                   readers, free_from, forward_extra, backward_base, backward_extra,
@@ -174,18 +227,6 @@ class _Model:
                   else budget_bytes / KIB)
         self.peak_var = budget if budget_bytes is None else None
 
-        # kept[i]: number of kept compute nodes at positions <= i (a prefix count), so
-        # "u and c lie in one region" is "no kept node from u to c": one constraint
-        kept_prefix = []
-        running_kept = None
-        for i in range(n):
-            r = r_at(i)
-            count = solver.NumVar(0, infinity, f"K_{i}")
-            solver.Add(count == (running_kept if running_kept is not None else 0)
-                       + (1 if r is None else 1 - r))
-            kept_prefix.append(count)
-            running_kept = count
-
         # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
         h: dict[str, object] = {}
         for key in facts.storages:
@@ -214,13 +255,15 @@ class _Model:
             for r in saver_rs:
                 solver.Add(var >= 1 - r)  # a kept saver holds the storage for backward
             for provider, reader, r_reader in region_inputs:
-                if r_at(provider) is None:
-                    solver.Add(var >= r_reader)  # provider is always kept: a region input
+                span = [r_at(i) for i in range(provider, reader + 1)]
+                if len(span) > REGION_SPAN or any(r is None for r in span):
+                    # a kept node in between (or a span too long to model): the reader's
+                    # region starts after the provider, so a recomputed reader needs it
+                    solver.Add(var >= r_reader)
                     continue
-                before = kept_prefix[provider - 1] if provider > 0 else 0
                 same = solver.NumVar(0, 1, f"z_{key}_{provider}_{reader}")
-                # one region only if no node from provider to reader is kept
-                solver.Add(same <= 1 - (kept_prefix[reader] - before))
+                for r in span:
+                    solver.Add(same <= r)  # one region only if every node between recomputes
                 solver.Add(var >= r_reader - same)  # a region saves inputs from outside it
 
         def retained(keys):
@@ -256,9 +299,9 @@ class _Model:
         by_free: dict[int, list[str]] = {}
         for key in facts.storages:
             by_free.setdefault(facts.free_from[key], []).append(key)
-        total_bytes = sum(facts.size.values()) + 1.0
         temps = [costs.node[name].temp_bytes / KIB for name in order]
         a_previous = None
+        a_bound = 0.0  # the most a_previous can be: tight big-M for the region chain
         t_previous = None
         backward_prefix = []
         running = None
@@ -275,6 +318,7 @@ class _Model:
             r = r_at(i)
             if r is None:
                 a_previous = t_previous = None
+                a_bound = 0.0
                 recomputed = 0
             else:
                 # a: bytes a region re-materialises up to i (storages produced inside it
@@ -282,7 +326,9 @@ class _Model:
                 a = solver.NumVar(0, infinity, f"a_{i}")
                 base = a_previous if a_previous is not None else 0
                 fresh = [facts.size[key] * (1 - h[key]) for key in facts.produced[i]]
-                solver.Add(a >= base + solver.Sum(fresh) - total_bytes * (1 - r))
+                # (when r is 0 the fresh terms are 0 already: the saver is kept, h = 1)
+                solver.Add(a >= base + solver.Sum(fresh) - a_bound * (1 - r))
+                a_bound += sum(facts.size[key] for key in facts.produced[i])
                 # tau: the largest forward temporary of the region so far
                 tau = solver.NumVar(0, infinity, f"tau_{i}")
                 solver.Add(tau >= temps[i] * r)
@@ -325,24 +371,36 @@ class _Model:
             values[unit] = 1.0 if decisions.get(name) == "recompute" else 0.0
         self.solver.SetHint(self.r, [values.get(g, 0.0) for g in range(len(self.r))])
 
-    def solve(self) -> tuple[int, dict[str, str]]:
+    def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
+        """(status, decisions, objective seconds, bound seconds)."""
         status = self.solver.Solve()
-        decisions = {}
-        if status in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            for name, unit in self.facts.unit_of.items():
-                decisions[name] = "recompute" if self.r[unit].solution_value() > 0.5 else "keep"
-        return status, decisions
+        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
+                 pywraplp.Solver.INFEASIBLE: "infeasible",
+                 pywraplp.Solver.MODEL_INVALID: "model_invalid"}
+        state = names.get(status, "unknown")
+        if state not in ("optimal", "feasible"):
+            return state, {}, None, None
+        decisions = {name: "recompute" if self.r[unit].solution_value() > 0.5 else "keep"
+                     for name, unit in self.facts.unit_of.items()}
+        objective = self.solver.Objective()
+        return state, decisions, objective.Value() / 1e3, objective.BestBound() / 1e3
+
+
+def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
+           options: SolverOptions):
+    if options.backend == "CP_SAT":
+        return CpSatModel(facts, costs, budget_bytes, options, REGION_SPAN)
+    return _Model(facts, costs, budget_bytes, options)
 
 
 def solve_min_peak(graph: PlanGraph, costs: CostModel,
-                   options: SolverOptions | None = None) -> dict[str, str]:
-    """Decisions that minimise the (modelled) peak; ties broken by least recompute."""
+                   options: SolverOptions | None = None) -> dict[str, str] | None:
+    """Decisions that minimise the modelled peak, or None if none was found in time."""
     options = options or SolverOptions(time_limit_seconds=20)
-    model = _Model(_facts(graph, costs), costs, None, options)
-    status, decisions = model.solve()
-    if not decisions:
-        raise SolverError(f"the min-peak ILP ended with status {status}; this is a bug")
-    return decisions
+    unit_of = coarse_units(graph, costs, MAX_UNITS)
+    model = _build(_facts(graph, costs, unit_of), costs, None, options)
+    _, decisions, _, _ = model.solve()
+    return decisions or None
 
 
 @register("ilp")
@@ -351,59 +409,53 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     from .greedy import greedy_decisions
 
     start = time.perf_counter()
-    facts = _facts(graph, costs)
+    space_units = len(plan_space(graph, costs).groups)
+    unit_of = coarse_units(graph, costs, MAX_UNITS)
+    units = max(unit_of.values(), default=-1) + 1
+    facts = _facts(graph, costs, unit_of)
     notes = []
     if facts.optimizer_peak * KIB > budget_bytes:
         raise infeasible(graph, costs, budget_bytes, "ilp")
-    model = _Model(facts, costs, budget_bytes, options)
-    warm = greedy_decisions(graph, costs, budget_bytes) if options.warm_start else None
+    warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=60)
+            if options.warm_start else None)
+    model = _build(facts, costs, budget_bytes, options)
     if warm:
         model.hint(warm)
-    status, decisions = model.solve()
-    if decisions and warm and overhead_seconds(costs, warm) < overhead_seconds(costs, decisions):
-        # the ILP's memory model is an upper bound; the greedy, judged by the exact
-        # simulator, can fit a cheaper plan than the ILP proves optimal for its model
-        notes.append(f"the greedy warm start ({overhead_seconds(costs, warm) * 1e3:.3f} ms) "
-                     f"beat the ILP's plan ({overhead_seconds(costs, decisions) * 1e3:.3f} ms) "
-                     f"under the exact simulator; returned the greedy plan")
-        return SolveResult(decisions=warm, status="feasible",
-                           objective=overhead_seconds(costs, warm),
-                           bound=model.solver.Objective().BestBound() / 1e3,
-                           notes=tuple(notes))
-    objective = model.solver.Objective().Value() / 1e3 if decisions else 0.0
-    bound = model.solver.Objective().BestBound() / 1e3 if decisions else None
-    if status == pywraplp.Solver.OPTIMAL:
-        state = "optimal"
-        bound = objective if bound is None or bound > objective else bound
-    elif status == pywraplp.Solver.FEASIBLE:
-        state = "feasible"
-        notes.append(f"time limit {options.time_limit_seconds:g} s reached; best bound "
-                     f"{bound:.6f} s")
-    elif status == pywraplp.Solver.INFEASIBLE:
-        if warm:  # the ILP's conservative model missed a plan the simulator accepts
-            notes.append("the ILP's conservative memory model found no plan; returned the "
-                         "greedy plan, which the simulator accepts")
-            return SolveResult(decisions=warm, status="heuristic",
-                               objective=sum(costs.node[n].forward_seconds for n, d in
-                                             warm.items() if d == "recompute"),
-                               bound=None, notes=tuple(notes))
-        raise infeasible(graph, costs, budget_bytes, "ilp")
-    elif status == pywraplp.Solver.MODEL_INVALID:
+    state, decisions, objective, bound = model.solve()
+    coarsened = units < space_units
+    if coarsened:
+        notes.append(f"plan space coarsened from {space_units} to {units} decision units "
+                     f"(above {MAX_UNITS}); optimal within the coarse space only")
+    built = time.perf_counter() - start
+    if state in ("optimal", "feasible"):
+        if warm and overhead_seconds(costs, warm) < overhead_seconds(costs, decisions):
+            # the ILP's memory model is an upper bound; the greedy, judged by the exact
+            # simulator, can fit a cheaper plan than the ILP proves optimal for its model
+            notes.append(f"the greedy warm start ({overhead_seconds(costs, warm) * 1e3:.3f} "
+                         f"ms) beat the ILP's plan "
+                         f"({overhead_seconds(costs, decisions) * 1e3:.3f} ms) under the "
+                         f"exact simulator; returned the greedy plan")
+            return SolveResult(decisions=warm, status="feasible",
+                               objective=overhead_seconds(costs, warm),
+                               bound=None if coarsened else bound, notes=tuple(notes))
+        if state == "feasible":
+            notes.append(f"time limit {options.time_limit_seconds:g} s reached")
+        if state == "optimal" and coarsened:
+            state = "feasible"
+        notes.append(f"{options.backend}: {units} units, {built:.2f} s")
+        return SolveResult(decisions=decisions, status=state, objective=objective,
+                           bound=None if coarsened else bound, notes=tuple(notes))
+    if state == "model_invalid":
         raise SolverError("the ILP model is invalid (OR-Tools MODEL_INVALID); this is a bug "
                           "in fedplan, please report it with the model file")
-    else:  # NOT_SOLVED, ABNORMAL, UNBOUNDED: nothing usable
-        if warm:
-            notes.append(f"the MIP backend ended with status {status} and no solution; "
-                         f"returned the greedy plan")
-            return SolveResult(decisions=warm, status="heuristic",
-                               objective=sum(costs.node[n].forward_seconds for n, d in
-                                             warm.items() if d == "recompute"),
-                               bound=None, notes=tuple(notes))
-        raise SolverError(f"the MIP backend {options.backend} ended with status {status} "
-                          f"and no solution within {options.time_limit_seconds:g} s; raise "
-                          f"--time-limit")
-    notes.append(f"{options.backend}: {len(model.solver.variables())} variables, "
-                 f"{len(model.solver.constraints())} constraints, "
-                 f"{time.perf_counter() - start:.2f} s")
-    return SolveResult(decisions=decisions, status=state, objective=objective, bound=bound,
-                       notes=tuple(notes))
+    if warm:  # infeasible for the conservative model, or no solution in time
+        reason = ("the ILP's conservative memory model has no plan" if state == "infeasible"
+                  else f"{options.backend} found no plan in {options.time_limit_seconds:g} s")
+        notes.append(f"{reason}; returned the greedy plan, which the simulator accepts")
+        return SolveResult(decisions=warm, status="heuristic",
+                           objective=overhead_seconds(costs, warm), bound=None,
+                           notes=tuple(notes))
+    if state == "infeasible":
+        raise infeasible(graph, costs, budget_bytes, "ilp")
+    raise SolverError(f"{options.backend} found no plan within {options.time_limit_seconds:g} "
+                      f"s and the greedy found none either; raise --time-limit")

@@ -1,0 +1,166 @@
+"""The ILP of ``ilp.py`` written for CP-SAT: integers and enforcement literals.
+
+Same variables and constraints as the MIP in ``ilp.py`` (see its docstring), with two
+changes that CP-SAT needs or likes: sizes are integer KiB rounded *up* per storage and
+the budget is rounded *down* (so the integer model stays an upper bound of the bytes),
+and the region chain uses enforcement literals (``OnlyEnforceIf``) instead of big-M
+terms, which CP-SAT propagates far better than a MIP's LP relaxation handles big-M.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ortools.sat.python import cp_model
+
+from ..cost import CostModel
+
+KIB = 1024
+
+
+def _up(value_kib: float) -> int:
+    return int(math.ceil(value_kib - 1e-9))
+
+
+class CpSatModel:
+    def __init__(self, facts, costs: CostModel, budget_bytes: int | None, options,
+                 region_span: int):
+        self.facts = facts
+        model = cp_model.CpModel()
+        self.model = model
+        order = facts.order
+        n = len(order)
+        unit_count = max(facts.unit_of.values(), default=-1) + 1
+        self.r = [model.NewBoolVar(f"r_{g}") for g in range(unit_count)]
+        size = {key: _up(facts.size[key]) for key in facts.storages}
+        total = sum(size.values()) + 1
+        horizon = _up(facts.fixed) + total * 3 + _up(max(facts.backward_base, default=0)) + _up(
+            max(facts.backward_extra, default=0)) + _up(max(facts.forward_extra, default=0)) + 1
+
+        def r_at(i: int):
+            unit = facts.unit_of.get(order[i])
+            return None if unit is None else self.r[unit]
+
+        if budget_bytes is None:
+            budget = model.NewIntVar(0, horizon, "peak")
+            self.peak_var = budget
+        else:
+            budget = budget_bytes // KIB  # rounded down: the integer model fits inside
+            self.peak_var = None
+
+        h: dict[str, object] = {}
+        for key in facts.storages:
+            saver_rs = []
+            always = False
+            for saver in facts.savers[key]:
+                r = r_at(saver)
+                if r is None:
+                    always = True
+                    break
+                saver_rs.append(r)
+            if always:
+                h[key] = 1
+                continue
+            region_inputs = [(p, c, r_at(c)) for p, c in facts.readers[key] if r_at(c) is not None]
+            if not saver_rs and not region_inputs:
+                h[key] = 0
+                continue
+            var = model.NewBoolVar(f"h_{key}")
+            h[key] = var
+            for r in saver_rs:
+                model.AddBoolOr([r, var])  # a kept saver holds the storage for backward
+            for provider, reader, r_reader in region_inputs:
+                span = [r_at(i) for i in range(provider, reader + 1)]
+                if len(span) > region_span or any(r is None for r in span):
+                    model.AddImplication(r_reader, var)  # reader's region starts after
+                    continue
+                same = model.NewBoolVar(f"z_{key}_{provider}_{reader}")
+                for r in span:
+                    model.AddImplication(same, r)  # one region: every node between recomputes
+                model.AddBoolOr([r_reader.Not(), same, var])  # region saves outside inputs
+
+        def retained(keys):
+            return sum(size[key] * h[key] for key in keys)
+
+        by_end: dict[int, list[str]] = {}
+        live_delta = [0] * (n + 1)
+        for key in facts.storages:
+            by_end.setdefault(facts.end_read[key], []).append(key)
+            live_delta[facts.producer[key] + 1] += size[key]
+            live_delta[facts.end_read[key] + 1] -= size[key]
+        live = 0
+        previous = 0
+        fixed = _up(facts.fixed)
+        for i in range(n):
+            live += live_delta[i]
+            prefix = model.NewIntVar(0, total, f"Rf_{i}")
+            model.Add(prefix == previous + retained(by_end.get(i - 1, [])))
+            previous = prefix
+            model.Add(fixed + live + prefix + _up(facts.forward_extra[i]) <= budget)
+
+        by_free: dict[int, list[str]] = {}
+        for key in facts.storages:
+            by_free.setdefault(facts.free_from[key], []).append(key)
+        temps = [_up(costs.node[name].temp_bytes / KIB) for name in order]
+        running = 0
+        a_previous = None
+        t_previous = None
+        for i in range(n):
+            prefix = model.NewIntVar(0, total, f"Rb_{i}")
+            model.Add(prefix == running + retained(by_free.get(i, [])))
+            running = prefix
+            r = r_at(i)
+            base = _up(facts.backward_base[i])
+            if r is None:
+                a_previous = t_previous = None
+                model.Add(fixed + prefix + base + _up(facts.backward_extra[i]) <= budget)
+                continue
+            a = model.NewIntVar(0, total, f"a_{i}")
+            fresh = sum(size[key] * (1 - h[key]) for key in facts.produced[i])
+            model.Add(a >= (a_previous if a_previous is not None else 0) + fresh
+                      ).OnlyEnforceIf(r)  # a region's re-made bytes accumulate
+            model.Add(a == 0).OnlyEnforceIf(r.Not())
+            tau = model.NewIntVar(0, max(temps) if temps else 0, f"tau_{i}")
+            model.Add(tau >= temps[i]).OnlyEnforceIf(r)
+            if t_previous is not None:
+                model.Add(tau >= t_previous).OnlyEnforceIf(r)
+            a_previous, t_previous = a, tau
+            model.Add(fixed + prefix + a + base + tau <= budget)  # the recomputation
+            model.Add(fixed + prefix + a + base + _up(facts.backward_extra[i]) <= budget)
+
+        micros: dict[int, int] = {}
+        for name, unit in facts.unit_of.items():
+            micros[unit] = micros.get(unit, 0) + int(round(
+                costs.node[name].forward_seconds * 1e6))
+        self.micros = micros
+        recompute = sum(micros.get(g, 0) * self.r[g] for g in range(unit_count))
+        if budget_bytes is None:
+            model.Minimize(budget)
+        else:
+            model.Minimize(recompute)
+        self.solver = cp_model.CpSolver()
+        self.solver.parameters.max_time_in_seconds = options.time_limit_seconds
+        self.solver.parameters.num_workers = options.workers
+        self.solver.parameters.random_seed = options.seed
+
+    def hint(self, decisions: Mapping[str, str]) -> None:
+        values: dict[int, int] = {}
+        for name, unit in self.facts.unit_of.items():  # a tied unit recomputes if all do
+            recompute = 1 if decisions.get(name) == "recompute" else 0
+            values[unit] = min(values.get(unit, 1), recompute)
+        for g, var in enumerate(self.r):
+            self.model.AddHint(var, values.get(g, 0))
+
+    def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
+        """(status, decisions, objective seconds, bound seconds)."""
+        status = self.solver.Solve(self.model)
+        names = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible",
+                 cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid"}
+        state = names.get(status, "unknown")
+        if state not in ("optimal", "feasible"):
+            return state, {}, None, None
+        decisions = {name: "recompute" if self.solver.Value(self.r[unit]) else "keep"
+                     for name, unit in self.facts.unit_of.items()}
+        return (state, decisions, self.solver.ObjectiveValue() / 1e6,
+                self.solver.BestObjectiveBound() / 1e6)
