@@ -6,8 +6,13 @@
 See the README for the pipeline (trace, measure, solve, rewrite) and the CLI.
 """
 
+from fedplan.planner.budget import Budget
+from fedplan.planner.plan import Plan
+from fedplan.planner.solvers import SolverOptions, solver_names
+from fedplan.runtime.rewrite import PlannedModule
+
 from .analysis import Analysis, analyze
-from .api import measure
+from .api import apply, compile, measure, plan
 from .errors import (
     BadInputError,
     BudgetInfeasibleError,
@@ -20,7 +25,8 @@ from .errors import (
 from .units import format_bytes, parse_size
 
 __all__ = [
-    "Analysis", "analyze", "measure", "parse_size", "format_bytes",
+    "Analysis", "Budget", "Plan", "PlannedModule", "SolverOptions", "analyze", "apply",
+    "compile", "measure", "plan", "solver_names", "parse_size", "format_bytes",
     "FedplanError", "BadInputError", "BudgetInfeasibleError", "ModelFileError",
     "PlanMismatchError", "SolverError", "TraceError",
 ]

@@ -1,17 +1,26 @@
-"""The public functions: measure (and, with the planner, compile, plan, apply)."""
+"""The public functions: plan, compile, apply and measure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .analysis import as_tuple
+from fedplan.planner.budget import Budget
+from fedplan.planner.errors import TraceError
+from fedplan.planner.optimizers import check_optimizer, make_optimizer
+from fedplan.planner.plan import Plan
+from fedplan.planner.simulate import simulate
+from fedplan.planner.solvers import SolverOptions, solve
+from fedplan.planner.trace import structure_fingerprint, symbolic_trace
+from fedplan.runtime.measure import StepMeasurement, measure_step
+from fedplan.runtime.rewrite import PlannedModule
+
+from .analysis import Analysis, analyze, as_tuple
 from .modelfile import default_loss
-from .planner.optimizers import check_optimizer, make_optimizer
-from .runtime.measure import StepMeasurement, measure_step
 
 
 def measure(module: nn.Module, example_inputs: Any, targets: Any = None, *,
@@ -32,3 +41,62 @@ def measure(module: nn.Module, example_inputs: Any, targets: Any = None, *,
     opt = optimizer_instance or make_optimizer(optimizer, module.parameters())
     return measure_step(module, inputs, targets, loss_fn or default_loss, opt, steps=steps,
                         warmup=warmup)
+
+
+def _budget(value) -> Budget:
+    return value if isinstance(value, Budget) else Budget.of(value)
+
+
+def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
+         loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
+         leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
+         analysis: Analysis | None = None, repeats: int = 5,
+         progress: Callable[[str], None] | None = None) -> tuple[Plan, Analysis]:
+    """Trace, measure and solve: the Plan for ``model`` under ``budget``, and the analysis.
+
+    ``budget`` is bytes (int), a size string (``"512MB"``) or a :class:`Budget`
+    (``Budget(fraction=0.5)``: half the keep-all activation memory on top of the fixed
+    costs). Raises BudgetInfeasibleError when no plan fits.
+    """
+    check_optimizer(optimizer)
+    budget = _budget(budget)
+    say = progress or (lambda _m: None)
+    if analysis is None:
+        analysis = analyze(model, example_inputs, targets, loss_fn=loss_fn,
+                           optimizer=optimizer, leaf_modules=leaf_modules, repeats=repeats,
+                           progress=say)
+    keep_all = simulate(analysis.graph, analysis.costs).peak_bytes
+    budget_bytes = budget.resolve(analysis.costs, keep_all)
+    say(f"solving with {solver!r} for a budget of {budget_bytes} B")
+    result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
+                   options=options, model_name=type(model).__name__)
+    return result, analysis
+
+
+def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
+            loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
+            leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
+            repeats: int = 5, progress: Callable[[str], None] | None = None
+            ) -> PlannedModule:
+    """Plan ``model`` for ``budget`` and return a module that runs the plan.
+
+    The returned module shares parameters and buffers with ``model`` (an optimizer built
+    on either trains both), has the plan as ``.plan``, and drops into a training loop
+    unchanged: ``loss_fn(planned(*inputs), targets).backward()``.
+    """
+    result, analysis = plan(model, example_inputs, targets, budget=budget, loss_fn=loss_fn,
+                            optimizer=optimizer, solver=solver, leaf_modules=leaf_modules,
+                            options=options, repeats=repeats, progress=progress)
+    return PlannedModule(model, analysis.graph_module, result)
+
+
+def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike, *,
+          leaf_modules: Sequence[Any] = ()) -> PlannedModule:
+    """Run a saved plan on ``model``; the plan must have been made for this model."""
+    loaded = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
+    try:
+        graph_module, _ = symbolic_trace(model, leaf_modules=leaf_modules)
+    except TraceError:
+        raise
+    loaded.check_matches(fingerprint=structure_fingerprint(graph_module), source="plan")
+    return PlannedModule(model, graph_module, loaded)

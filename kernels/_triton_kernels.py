@@ -39,7 +39,8 @@ def _codes(x, fin, zero, scale, r, QMAX: tl.constexpr):
     t = tl.math.div_rn(x - zero, safe)
     q = tl.floor(t + r)
     q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
-    return tl.where(fin & (scale != 0.0), q, 0.0)
+    q = tl.where(fin, q, 0.0)
+    return tl.where(scale != 0.0, q, 0.0)
 
 
 @triton.jit

@@ -68,6 +68,8 @@ class NodeCost:
     flops: int = 0
     temp_bytes: int = 0                  # allocated and freed again inside the node
     backward_temp_bytes: int = 0         # the same, inside the node's backward
+    grad_aliases: bool = False           # its backward returns views of its output's grad
+    grad_shares: bool = False            # ... or the very same tensor (add, identity)
     requires_grad: bool = False          # its output takes part in backward
     params: tuple[str, ...] = ()         # trainable parameters it uses
     mutates: tuple[str, ...] = ()        # input nodes it modifies in place
@@ -274,12 +276,15 @@ def _memory_by_scope(prof) -> dict[str, tuple[int, int]]:
 
 
 def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], targets: Any,
-                    loss_fn: Callable) -> dict[str, tuple[int, int]]:
+                    loss_fn: Callable, aliasing: set[str], sharing: set[str]
+                    ) -> dict[str, tuple[int, int]]:
     """Profile one backward with a range around each node's autograd function.
 
     A prehook and a hook on the ``grad_fn`` of every node's output open and close a
     ``record_function`` range; on the CPU the autograd engine runs in the calling thread,
-    so the ranges bracket exactly that node's backward work.
+    so the ranges bracket exactly that node's backward work. Nodes whose backward hands
+    its inputs views of its own output's gradient (cat, views, split) are added to
+    ``aliasing``: that gradient buffer then lives until every view of it is released.
     """
     values: dict[str, Any] = {}
 
@@ -302,16 +307,40 @@ def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], ta
     del detached, loss_alone
     seen: set[int] = set()
 
+    input_fns: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        fns = set()
+        for inp in node.all_input_nodes:
+            for tensor in _tensors(values.get(inp.name)):
+                if tensor.grad_fn is not None:
+                    fns.add(id(tensor.grad_fn))
+        input_fns[node.name] = fns
+
     def bracket(name: str, grad_fn) -> None:
         ranges: list[Any] = []
+        # "direct": this autograd function reads the node's inputs themselves, so the
+        # gradients it returns are the inputs' gradients (not, say, a reshape inside
+        # a Linear on 3-d input, whose result feeds a matmul first)
+        following = {id(fn) for fn, _ in grad_fn.next_functions
+                     if fn is not None and type(fn).__name__ != "AccumulateGrad"}
+        direct = bool(following) and following <= input_fns.get(name, set())
 
         def pre(_grad_outputs):
             ranges.append(record_function(f"fedplan::{name}"))
             ranges[-1].__enter__()
 
-        def post(_grad_inputs, _grad_outputs):
+        def post(grad_inputs, grad_outputs):
             if ranges:
                 ranges.pop().__exit__(None, None, None)
+            if not direct:  # several autograd ops inside: their inputs are not ours
+                return
+            outs = [g for g in grad_outputs if isinstance(g, torch.Tensor)]
+            ptrs = {_ptr(g) for g in outs}
+            for g in grad_inputs:
+                if isinstance(g, torch.Tensor) and _ptr(g) in ptrs:
+                    aliasing.add(name)
+                    if any(g is out for out in outs):
+                        sharing.add(name)
 
         grad_fn.register_prehook(pre)
         grad_fn.register_hook(post)
@@ -411,7 +440,9 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
     del loss, outputs
 
     say("profiling backward")
-    backward = _backward_temps(gm, inputs, targets, loss_fn)
+    aliasing: set[str] = set()
+    sharing: set[str] = set()
+    backward = _backward_temps(gm, inputs, targets, loss_fn, aliasing, sharing)
     gm.zero_grad(set_to_none=True)
 
     say("timing nodes")
@@ -446,6 +477,7 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
             forward_seconds=seconds.get(node.name, 0.0), flops=flops.get(node.name, 0),
             temp_bytes=max(0, peak - max(change, 0)),
             backward_temp_bytes=max(0, back_peak - max(back_change, 0)),
+            grad_aliases=node.name in aliasing, grad_shares=node.name in sharing,
             requires_grad=profiler.requires_grad.get(node.name, False),
             params=tuple(dict.fromkeys(used)), mutates=profiler.mutates.get(node.name, ()),
             random=_is_random(fx_node, modules)))

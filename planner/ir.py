@@ -52,6 +52,7 @@ class PlanGraph:
     nodes: tuple[IRNode, ...]
     name: str = "model"
     notes: tuple[str, ...] = field(default=())
+    structure_hash: str | None = None  # set by tracing: graph and parameter shapes
 
     @cached_property
     def index(self) -> dict[str, int]:
@@ -74,7 +75,14 @@ class PlanGraph:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A stable hash of structure: names, ops, targets, edges, non-batch shapes."""
+        """A stable hash of the model's structure, independent of the batch size.
+
+        For a traced model: the fx graph (names, ops, targets, edges) and the parameter
+        names and shapes (``structure_hash``), so a plan can be checked against a model
+        without running it. Otherwise: nodes, edges and non-batch shapes.
+        """
+        if self.structure_hash:
+            return self.structure_hash
         digest = hashlib.sha256()
         for node in self.nodes:
             shape = list(node.shape[1:]) if node.shape else None

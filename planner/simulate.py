@@ -209,7 +209,9 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         events.append(Event("forward", name, memory.level, inside))
 
     # ---- backward ------------------------------------------------------------------
-    grads: dict[str, int] = {}          # node name -> grad bytes live for its output
+    grads: dict[str, str] = {}          # node name -> buffer holding its output's grad
+    buffer_refs: dict[str, int] = {}    # grad buffer -> nodes whose grad lives in it
+    shared: set[str] = set()            # nodes whose grad is another node's grad tensor
     param_sizes = dict(costs.params)
     started_regions: set[int] = set()
     node_bytes = {node.name: node.output_bytes for node in graph.nodes}
@@ -245,10 +247,29 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             if graph.node(inp).op in ("placeholder", "get_attr"):
                 continue
             size = node_bytes[inp]
-            if inp in grads:
+            if inp in grads and inp in shared:
+                # accumulating into a gradient tensor that another node also holds goes
+                # out of place: a new buffer, and the shared one loses a reference
+                old = grads[inp]
+                buffer_refs[old] -= 1
+                if buffer_refs[old] == 0:
+                    memory.free(old)
+                shared.discard(inp)
+                grads[inp] = f"grad:{inp}"
+                buffer_refs[grads[inp]] = 1
+                memory.alloc(f"grad:{inp}", size, "temporaries")
+            elif inp in grads:
                 accumulate = max(accumulate, size)
+            elif cost.grad_aliases and name in grads:
+                # the input's grad is a view of this node's output grad: no new bytes,
+                # but that buffer now lives until the input's own backward too
+                grads[inp] = grads[name]
+                buffer_refs[grads[name]] += 1
+                if cost.grad_shares:
+                    shared.add(inp)
             else:
-                grads[inp] = size
+                grads[inp] = f"grad:{inp}"
+                buffer_refs[grads[inp]] = 1
                 new_grads += size
                 memory.alloc(f"grad:{inp}", size, "temporaries")
         for param in cost.params:
@@ -260,7 +281,10 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         inside = memory.observe("backward", name, accumulate + cost.backward_temp_bytes)
         # this node's own output gradient and what only it held are released
         if name in grads:
-            memory.free(f"grad:{name}")
+            buffer = grads[name]
+            buffer_refs[buffer] -= 1
+            if buffer_refs[buffer] == 0:
+                memory.free(buffer)
         released = list(cost.saved) + list(cost.outputs)
         for key in released:
             held = holders.get(key)

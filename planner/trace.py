@@ -151,6 +151,21 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
+def structure_fingerprint(graph_module: torch.fx.GraphModule) -> str:
+    """Hash of the traced graph and the parameter and buffer shapes: what a plan binds to."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for node in graph_module.graph.nodes:
+        digest.update(json.dumps([node.name, node.op, _target_text(node),
+                                  [n.name for n in node.all_input_nodes]]).encode())
+    for name, tensor in list(graph_module.named_parameters()) + list(
+            graph_module.named_buffers()):
+        digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype)]).encode())
+    return digest.hexdigest()[:16]
+
+
 def build_plan_graph(graph_module: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                      *, name: str = "model", notes: Sequence[str] = ()) -> PlanGraph:
     """Propagate shapes with the example inputs and read the fx graph into a PlanGraph."""
@@ -178,4 +193,5 @@ def build_plan_graph(graph_module: torch.fx.GraphModule, example_inputs: Sequenc
             shape=shape, dtype=dtype,
             output_bytes=0 if node.op == "output" else _tensor_bytes(value),
             module_type=module_type))
-    return PlanGraph(nodes=tuple(nodes), name=name, notes=tuple(notes)).validate()
+    return PlanGraph(nodes=tuple(nodes), name=name, notes=tuple(notes),
+                     structure_hash=structure_fingerprint(graph_module)).validate()

@@ -35,6 +35,12 @@ class SolverOptions:
     (measured in BENCHMARKS.md: CP-SAT solved the zoo's ILPs 3-7x faster)."""
     warm_start: bool = True
     """Hint the ILP with the greedy plan."""
+    safety_fraction: float = 0.01
+    """Plans aim below the budget by this share of (budget - fixed costs), plus
+    ``safety_bytes``: room for what checkpointing itself allocates (saved RNG states,
+    BatchNorm statistics kept across a replay) that the simulator does not model. A plan
+    that recomputes nothing needs no margin."""
+    safety_bytes: int = 64 * 1024
 
     def __post_init__(self):
         if self.time_limit_seconds <= 0:
@@ -117,15 +123,35 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
             f"{costs.input_bytes} B); no plan can fit: raise the budget or shrink the batch",
             smallest_bytes=None, breakdown={})
     start = time.perf_counter()
-    result = function(graph, costs, budget_bytes, options)
-    seconds = time.perf_counter() - start
     space = plan_space(graph, costs)
+    target = budget_bytes
+    if keep_all.peak_bytes <= budget_bytes:  # nothing to plan: keep-all fits exactly
+        result = SolveResult(decisions=space.decisions_from_groups([]), status="optimal",
+                             objective=0.0, bound=0.0,
+                             notes=("the keep-all peak fits the budget",))
+    else:
+        target = budget_bytes - options.safety_bytes - int(
+            options.safety_fraction * max(0, budget_bytes - floor))
+        try:
+            result = function(graph, costs, max(target, floor), options)
+        except BudgetInfeasibleError as exc:
+            if exc.smallest_bytes is not None and exc.smallest_bytes <= budget_bytes:
+                raise BudgetInfeasibleError(
+                    f"budget {budget_bytes} B leaves no room for the safety margin: the "
+                    f"smallest peak this plan space reaches is {exc.smallest_bytes} B, and "
+                    f"plans aim {budget_bytes - target} B below the budget for "
+                    f"checkpointing's own allocations; raise the budget to at least "
+                    f"{exc.smallest_bytes + budget_bytes - target} B",
+                    smallest_bytes=exc.smallest_bytes, breakdown=exc.breakdown) from None
+            raise
+    seconds = time.perf_counter() - start
     decisions = {name: result.decisions.get(name, "keep") for name in space.candidates}
     timeline = simulate(graph, costs, decisions)
-    if timeline.peak_bytes > budget_bytes:
+    if timeline.peak_bytes > target:
         raise SolverError(
             f"solver {solver!r} returned a plan whose simulated peak {timeline.peak_bytes} B "
-            f"exceeds the budget {budget_bytes} B; this is a bug in fedplan, please report it")
+            f"exceeds its target {target} B (budget {budget_bytes} B less the safety "
+            f"margin); this is a bug in fedplan, please report it")
     return Plan(
         fingerprint=graph.fingerprint, model_name=model_name or graph.name,
         batch_size=costs.batch_size, budget_bytes=int(budget_bytes),

@@ -174,9 +174,42 @@ def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = 
             param_users[param] = param_users.get(param, 0) + 1
     backward_base = [0.0] * n
     backward_extra = [0.0] * n
-    for u, last in grad_span.items():
-        for i in range(position[u], last + 1):
-            backward_base[i] += output_bytes[u]
+    # Gradient buffers: the grad of u is made by its last consumer c = grad_span[u]; if
+    # c's backward returns views of c's own grad (cat, views), u's grad lives in c's
+    # buffer, which then stays until u's backward as well. Spans in positions: a buffer
+    # is live from the lowest position that still refers to it up to where it was made.
+    buffer_of: dict[str, str] = {}
+    span: dict[str, list[float]] = {}   # buffer -> [low, high, KiB]
+    loss_position = len(order) - 1
+    consumers: dict[str, list[int]] = {}
+    for name in order:
+        if requires[name]:
+            for inp in set(inputs_of[name]):
+                if inp in grad_span:
+                    consumers.setdefault(inp, []).append(position[name])
+    for u in sorted(grad_span, key=lambda name: -grad_span[name]):
+        maker = grad_span[u]
+        maker_name = order[maker]
+        if (maker_name != LOSS and node_cost[maker_name].grad_aliases
+                and maker_name in buffer_of):
+            buffer = buffer_of[maker_name]
+            later = sorted((c for c in consumers.get(u, []) if c < maker), reverse=True)
+            if node_cost[maker_name].grad_shares and later:
+                # the shared grad tensor is replaced by a new one at the next
+                # accumulation (out of place), which then lives down to u
+                span[buffer][0] = min(span[buffer][0], later[0])
+                span[f"{u}:own"] = [position[u], later[0], output_bytes[u]]
+                buffer_of[u] = f"{u}:own"
+                continue
+            span[buffer][0] = min(span[buffer][0], position[u])
+        else:
+            buffer = u
+            span[buffer] = [position[u], maker if maker != loss_position else maker,
+                            output_bytes[u]]
+        buffer_of[u] = buffer
+    for low, high, kib in span.values():
+        for i in range(int(low), int(high) + 1):
+            backward_base[i] += kib
     for param, last in param_last.items():
         for i in range(0, last + 1):
             backward_base[i] += param_size.get(param, 0.0)

@@ -1,0 +1,133 @@
+"""Rewrite a traced model so that it runs a plan.
+
+The traced GraphModule is split (``torch.fx.passes.split_module``) into consecutive
+partitions, one per run of nodes with the same decision; every ``recompute`` partition
+runs under ``torch.utils.checkpoint(use_reentrant=False)``: autograd keeps only the
+partition's inputs and replays it when backward reaches it. Everything else runs as
+before. The planned module registers the user's own submodules, parameters and buffers
+under their own names, so an optimizer built on either module trains both and
+``state_dict`` keys are unchanged.
+
+Pitfalls handled here:
+
+* **BatchNorm** in training mode would update its running statistics again when a
+  region is replayed: the replay runs with the statistics saved and restored around it.
+* **Randomness** (dropout): checkpoint saves and restores the RNG state, so the replay
+  draws the same numbers (``preserve_rng_state=True``, the default).
+* **In-place ops** never cross a region boundary: the plan space ties them to their
+  input's producer (``planner.candidates``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.split_module import split_module
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from fedplan.planner.plan import RECOMPUTE, Plan
+
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+
+
+@contextlib.contextmanager
+def _statistics_restored(modules: list[_BatchNorm]) -> Iterator[None]:
+    """Run a replay without changing BatchNorm running statistics."""
+    saved = []
+    for module in modules:
+        saved.append([(buffer, buffer.detach().clone()) for buffer in (
+            module.running_mean, module.running_var, module.num_batches_tracked)
+            if buffer is not None])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for pairs in saved:
+                for buffer, value in pairs:
+                    buffer.copy_(value)
+
+
+class RecomputeRegion(nn.Module):
+    """A partition run under non-reentrant checkpoint."""
+
+    def __init__(self, inner: torch.fx.GraphModule):
+        super().__init__()
+        self.inner = inner
+        self.batch_norms = [m for m in inner.modules()
+                            if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return self.inner(*args)
+        calls = [0]
+
+        def run(*inputs):
+            calls[0] += 1
+            if calls[0] > 1 and any(m.training for m in self.batch_norms):
+                with _statistics_restored(self.batch_norms):
+                    return self.inner(*inputs)
+            return self.inner(*inputs)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+
+def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, str]
+                  ) -> tuple[torch.fx.GraphModule, int]:
+    """Split by decision runs and wrap the recompute runs; returns (program, regions)."""
+    partition: dict[str, int] = {}
+    kinds: dict[int, str] = {}
+    current, last = 0, None
+    for node in graph_module.graph.nodes:
+        if node.op not in COMPUTE_OPS:
+            continue
+        kind = RECOMPUTE if decisions.get(node.name) == RECOMPUTE else "keep"
+        if last is not None and kind != last:
+            current += 1
+        last = kind
+        partition[node.name] = current
+        kinds[current] = kind
+    if not any(kind == RECOMPUTE for kind in kinds.values()):
+        return graph_module, 0
+    program = split_module(graph_module, graph_module, lambda node: partition[node.name],
+                           keep_original_order=True)
+    regions = 0
+    for index, kind in kinds.items():
+        name = f"submod_{index}"
+        if kind == RECOMPUTE and hasattr(program, name):
+            setattr(program, name, RecomputeRegion(getattr(program, name)))
+            regions += 1
+    return program, regions
+
+
+class PlannedModule(nn.Module):
+    """The user's model, running a plan; drop-in for the original in a training loop."""
+
+    def __init__(self, model: nn.Module, graph_module: torch.fx.GraphModule, plan: Plan):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer,
+                                 persistent=name not in model._non_persistent_buffers_set)
+        self.plan = plan
+        program, regions = build_program(graph_module, plan.decision_map)
+        # kept outside the module tree: its modules are ours already, registered above
+        object.__setattr__(self, "_program", program)
+        self.regions = regions
+        self.original_type = type(model).__name__
+        self.train(model.training)
+
+    def forward(self, *args, **kwargs):
+        return self._program(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        counts = self.plan.counts()
+        return (f"plan={self.plan.solver}, budget={self.plan.budget_bytes} B, "
+                f"recompute={counts.get(RECOMPUTE, 0)}, regions={self.regions}")
