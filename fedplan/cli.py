@@ -56,6 +56,45 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=int, default=3, metavar="N",
                          help="training steps timed for the measurement (default: 3)")
     profile.set_defaults(handler=_commands().profile)
+
+    compile_ = commands.add_parser(
+        "compile", help="plan keep/recompute per tensor for a memory budget",
+        description="Trace and measure MODEL.py, solve for the cheapest plan whose peak "
+                    "fits the budget, write it as JSON and print a summary.")
+    _add_model_args(compile_)
+    budget = compile_.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", metavar="SIZE",
+                        help="peak memory of one training step: 512MB, 0.5GiB, 1e9 or bytes")
+    budget.add_argument("--budget-fraction", type=float, metavar="F",
+                        help="fixed costs plus F times the keep-all activation memory "
+                             "(1.0 = the keep-all peak)")
+    compile_.add_argument("--solver", default="ilp", metavar="NAME",
+                          help="ilp (default), greedy, none, all or sqrt")
+    compile_.add_argument("--backend", default="CP_SAT",
+                          choices=("CP_SAT", "HIGHS", "SCIP", "CBC"),
+                          help="OR-Tools backend of the ilp solver (default: CP_SAT)")
+    compile_.add_argument("--time-limit", type=float, default=30.0, metavar="S",
+                          help="solver time limit in seconds (default: 30)")
+    compile_.add_argument("--workers", type=int, default=8, metavar="N",
+                          help="solver threads (default: 8)")
+    compile_.add_argument("--seed", type=int, default=0, help="solver seed (default: 0)")
+    compile_.add_argument("--repeats", type=int, default=5, metavar="K",
+                          help="timing repeats per node (default: 5)")
+    compile_.add_argument("-o", "--output", metavar="PLAN.json",
+                          help="where to write the plan (default: MODEL.plan.json)")
+    compile_.set_defaults(handler=_commands().compile_)
+
+    measure = commands.add_parser(
+        "measure", help="run real steps with a plan: measured peak, time, gradient error",
+        description="Apply PLAN.json to MODEL.py, run real training steps, and compare "
+                    "the measured peak with the plan's prediction and its budget, and the "
+                    "step time and gradients with the unplanned model.")
+    _add_model_args(measure)
+    measure.add_argument("--plan", required=True, metavar="PLAN.json",
+                         help="a plan written by `fedplan compile`")
+    measure.add_argument("--steps", type=int, default=5, metavar="N",
+                         help="timed training steps (default: 5)")
+    measure.set_defaults(handler=_commands().measure)
     return parser
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import copy
 import warnings
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from .analysis import analyze
-from .api import measure
+from .api import measure as measure_api
 from .errors import BadInputError
 from .modelfile import ModelSpec, load_model_file
 from .planner.simulate import CATEGORIES, simulate
@@ -54,7 +56,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
                                    spec.leaf_modules), repeats=args.repeats, progress=say)
         timeline = simulate(analysis.graph, analysis.costs)
         say("measuring real training steps")
-        measured = measure(copy.deepcopy(model), inputs, targets, loss_fn=spec.loss_fn,
+        measured = measure_api(copy.deepcopy(model), inputs, targets, loss_fn=spec.loss_fn,
                            optimizer=args.optimizer, steps=args.steps)
     costs = analysis.costs
     rows = []
@@ -104,4 +106,127 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     console.print(f"step time       {measured.step_seconds * 1e3:.1f} ms")
     for note in result["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+    return None
+
+
+def _solver_options(args: argparse.Namespace):
+    from .planner.solvers import SolverOptions
+    return SolverOptions(time_limit_seconds=args.time_limit, workers=args.workers,
+                         seed=args.seed, backend=args.backend)
+
+
+def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .api import plan as make_plan
+    from .planner.budget import Budget
+    from .planner.solvers import get_solver
+    from .units import parse_size
+
+    spec, batch_size = _load(args)
+    get_solver(args.solver)  # an unknown name fails before any work, listing valid ones
+    budget = (Budget(bytes=parse_size(args.budget, what="budget")) if args.budget
+              else Budget(fraction=args.budget_fraction))
+    options = _solver_options(args)
+    output = Path(args.output) if args.output else spec.path.with_suffix(".plan.json")
+    if not output.parent.exists():
+        raise BadInputError(f"cannot write the plan to {str(output)!r}: folder "
+                            f"{str(output.parent)!r} does not exist")
+    with status(f"compiling {spec.name} (batch {batch_size})", quiet=args.json) as say:
+        model = spec.build()
+        inputs, targets = spec.batch(batch_size)
+        plan, analysis = make_plan(model, inputs, targets, budget=budget,
+                                   loss_fn=spec.loss_fn, optimizer=args.optimizer,
+                                   solver=args.solver, options=options,
+                                   leaf_modules=args.leaf + list(spec.leaf_modules),
+                                   repeats=args.repeats, progress=say)
+    plan = replace(plan, model_name=spec.name)
+    plan.save(output)
+    counts = plan.counts()
+    result = {
+        "model": str(spec.path), "plan": str(output), "batch_size": batch_size,
+        "optimizer": args.optimizer, "budget_bytes": plan.budget_bytes,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "keep_all_peak_bytes": plan.keep_all_peak_bytes, "breakdown": dict(plan.breakdown),
+        "kept": counts.get("keep", 0), "recomputed": counts.get("recompute", 0),
+        "predicted_overhead_seconds": plan.predicted_overhead_seconds,
+        "solver": plan.solver, "status": plan.status, "objective": plan.objective,
+        "bound": plan.bound, "gap": plan.gap, "solve_seconds": plan.solve_seconds,
+        "nodes": len(analysis.graph), "notes": list(plan.notes),
+    }
+    if args.json:
+        return result
+    console.print(_breakdown_table(f"{spec.name}: predicted peak of the planned step",
+                                   dict(plan.breakdown), plan.predicted_peak_bytes))
+    console.print(f"budget          {format_bytes(plan.budget_bytes)}  ({plan.budget_bytes} B)")
+    console.print(f"predicted peak  {format_bytes(plan.predicted_peak_bytes)}  (keep-all "
+                  f"{format_bytes(plan.keep_all_peak_bytes)})")
+    console.print(f"tensors         {result['kept']} kept, {result['recomputed']} recomputed")
+    console.print(f"overhead        {plan.predicted_overhead_seconds * 1e3:.2f} ms of "
+                  f"recompute per step (predicted)")
+    gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
+    console.print(f"solver          {plan.solver}: {plan.status}, gap {gap}, "
+                  f"{plan.solve_seconds:.2f} s")
+    for note in plan.notes:
+        console.print(f"[dim]note: {note}[/dim]")
+    console.print(f"wrote {output}")
+    return None
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any] | None:
+    import torch
+
+    from .api import apply
+    from .planner.plan import Plan
+
+    spec, _ = _load(args)
+    plan = Plan.load(args.plan)
+    batch_size = args.batch_size if args.batch_size is not None else plan.batch_size
+    if args.steps < 1:
+        raise BadInputError(f"expected --steps >= 1; found {args.steps}")
+    with status(f"measuring {spec.name} with {args.plan}", quiet=args.json) as say:
+        model = spec.build()
+        reference = copy.deepcopy(model)
+        # the model's fingerprint is checked by apply(); batch and optimizer here
+        plan.check_matches(fingerprint=plan.fingerprint, batch_size=batch_size,
+                           optimizer=args.optimizer, source=f"plan {args.plan!r}")
+        planned = apply(model, plan, leaf_modules=args.leaf + list(spec.leaf_modules))
+        inputs, targets = spec.batch(batch_size)
+        say("gradients against the unplanned model")
+        differences = []
+        for module in (reference, planned):
+            module.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            spec.loss_fn(module(*inputs), targets).backward()
+        for (_, p_ref), (_, p_plan) in zip(reference.named_parameters(),
+                                               planned.named_parameters()):
+            if p_ref.grad is not None and p_plan.grad is not None:
+                differences.append(float((p_ref.grad - p_plan.grad).abs().max()))
+        say("real training steps, planned and unplanned")
+        measured = measure_api(planned, inputs, targets, loss_fn=spec.loss_fn,
+                                optimizer=args.optimizer, steps=args.steps)
+        baseline = measure_api(reference, inputs, targets, loss_fn=spec.loss_fn,
+                                optimizer=args.optimizer, steps=args.steps)
+    error = (plan.predicted_peak_bytes - measured.peak_bytes) / measured.peak_bytes
+    result = {
+        "model": str(spec.path), "plan": args.plan, "batch_size": batch_size,
+        "budget_bytes": plan.budget_bytes, "measured_peak_bytes": measured.peak_bytes,
+        "predicted_peak_bytes": plan.predicted_peak_bytes, "prediction_error": error,
+        "within_budget": measured.peak_bytes <= plan.budget_bytes,
+        "baseline_peak_bytes": baseline.peak_bytes,
+        "step_seconds": measured.step_seconds,
+        "baseline_step_seconds": baseline.step_seconds,
+        "overhead": measured.step_seconds / baseline.step_seconds - 1,
+        "max_grad_diff": max(differences, default=0.0),
+    }
+    if args.json:
+        return result
+    console.print(f"measured peak   {format_bytes(measured.peak_bytes)}  "
+                  f"({measured.peak_bytes} B), budget {format_bytes(plan.budget_bytes)}: "
+                  f"{'within' if result['within_budget'] else 'OVER'}")
+    console.print(f"predicted peak  {format_bytes(plan.predicted_peak_bytes)}  "
+                  f"(error {error:+.2%})")
+    console.print(f"unplanned peak  {format_bytes(baseline.peak_bytes)}")
+    console.print(f"step time       {measured.step_seconds * 1e3:.1f} ms planned, "
+                  f"{baseline.step_seconds * 1e3:.1f} ms unplanned "
+                  f"({result['overhead']:+.1%})")
+    console.print(f"max |grad diff| {result['max_grad_diff']:.3g}")
     return None
