@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedplan.planner.budget import Budget
-from fedplan.planner.errors import TraceError
+from fedplan.planner.errors import BudgetInfeasibleError, TraceError
 from fedplan.planner.optimizers import check_optimizer, make_optimizer
 from fedplan.planner.plan import Plan
 from fedplan.planner.simulate import simulate
-from fedplan.planner.solvers import SolverOptions, solve
+from fedplan.planner.solvers import BASELINES, SolverOptions, solve
 from fedplan.planner.trace import structure_fingerprint, symbolic_trace
 from fedplan.runtime.measure import StepMeasurement, measure_step
 from fedplan.runtime.rewrite import PlannedModule
@@ -50,13 +52,17 @@ def _budget(value) -> Budget:
 def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
          loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
          leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
-         analysis: Analysis | None = None, repeats: int = 5,
+         analysis: Analysis | None = None, repeats: int = 5, verify: bool = True,
          progress: Callable[[str], None] | None = None) -> tuple[Plan, Analysis]:
     """Trace, measure and solve: the Plan for ``model`` under ``budget``, and the analysis.
 
     ``budget`` is bytes (int), a size string (``"512MB"``) or a :class:`Budget`
     (``Budget(fraction=0.5)``: half the keep-all activation memory on top of the fixed
     costs). Raises BudgetInfeasibleError when no plan fits.
+
+    With ``verify`` (the default) a plan that recomputes anything is checked by one real
+    training step on a copy of the model; if that step's measured peak is over the
+    budget, the plan is solved again with the measured excess as extra margin.
     """
     check_optimizer(optimizer)
     budget = _budget(budget)
@@ -68,16 +74,51 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
     keep_all = simulate(analysis.graph, analysis.costs).peak_bytes
     budget_bytes = budget.resolve(analysis.costs, keep_all)
     say(f"solving with {solver!r} for a budget of {budget_bytes} B")
+    options = options or SolverOptions()
     result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
                    options=options, model_name=type(model).__name__)
-    return result, analysis
+    if not verify or not result.recomputed:
+        return result, analysis
+    # The budget is a measured quantity, so the plan is measured too: one real step of
+    # the planned model (on a copy). Should checkpointing allocate more than the
+    # simulator predicts, the plan is solved again with that excess as extra margin.
+    inputs = as_tuple(example_inputs)
+    if targets is None:
+        targets = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
+    for attempt in range(3):
+        say("measuring one planned step")
+        shadow = copy.deepcopy(model)
+        graph_module, _ = symbolic_trace(shadow, leaf_modules=leaf_modules)
+        step = measure_step(PlannedModule(shadow, graph_module, result), inputs, targets,
+                            loss_fn or default_loss,
+                            make_optimizer(optimizer, shadow.parameters()), steps=1)
+        note = (f"verified: one planned step measured {step.peak_bytes} B against the "
+                f"budget {budget_bytes} B")
+        if step.peak_bytes <= budget_bytes:
+            return replace(result, notes=result.notes + (note,)), analysis
+        if solver in BASELINES or attempt == 2:
+            break
+        excess = step.peak_bytes - result.predicted_peak_bytes
+        options = replace(options, safety_bytes=options.safety_bytes + max(excess, 0) + 4096)
+        say(f"the planned step measured {excess} B above the prediction; solving again")
+        result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
+                       options=options, model_name=type(model).__name__)
+        result = replace(result, notes=result.notes + (
+            f"re-solved: the previous plan measured {step.peak_bytes} B, {excess} B above "
+            f"its prediction",))
+        if not result.recomputed:
+            return result, analysis
+    raise BudgetInfeasibleError(
+        f"the {solver!r} plan measured {step.peak_bytes} B in a real step, above the budget "
+        f"{budget_bytes} B (predicted {result.predicted_peak_bytes} B); raise the budget",
+        smallest_bytes=step.peak_bytes)
 
 
 def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
             loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
             leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
-            repeats: int = 5, progress: Callable[[str], None] | None = None
-            ) -> PlannedModule:
+            repeats: int = 5, verify: bool = True,
+            progress: Callable[[str], None] | None = None) -> PlannedModule:
     """Plan ``model`` for ``budget`` and return a module that runs the plan.
 
     The returned module shares parameters and buffers with ``model`` (an optimizer built
@@ -86,7 +127,8 @@ def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budge
     """
     result, analysis = plan(model, example_inputs, targets, budget=budget, loss_fn=loss_fn,
                             optimizer=optimizer, solver=solver, leaf_modules=leaf_modules,
-                            options=options, repeats=repeats, progress=progress)
+                            options=options, repeats=repeats, verify=verify,
+                            progress=progress)
     return PlannedModule(model, analysis.graph_module, result)
 
 

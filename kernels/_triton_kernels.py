@@ -50,6 +50,21 @@ def _pack_rows(q, BITS: tl.constexpr, K: tl.constexpr):
     return tl.sum(q.to(tl.uint32) << shift[None, :], axis=1).to(tl.uint8)
 
 
+@triton.jit
+def _out_value(y, OUT_BF16: tl.constexpr):
+    """float32 y -> the value to store (round to nearest even happens here or in the cast).
+
+    bfloat16 is rounded by hand and stored through an int16 view of the output: the
+    interpreter's own float32 -> bfloat16 cast truncates.  y is finite here.
+    """
+    if OUT_BF16:
+        u = y.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return u.to(tl.uint16).to(tl.int16, bitcast=True)
+    else:
+        return y
+
+
 # ----------------------------------------------------------------------------- group mode
 
 
@@ -126,6 +141,7 @@ def group_dequant_kernel(
     BITS: tl.constexpr,
     CHUNK: tl.constexpr,
     N_CHUNKS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     K: tl.constexpr = 8 // BITS
     GB: tl.constexpr = GROUP * BITS // 8
@@ -144,7 +160,8 @@ def group_dequant_kernel(
         pos = j[:, None] * K + kk[None, :]
         idx = g * GROUP + pos
         mask = (pos < GROUP) & (idx < n)
-        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+        v = _out_value(y, OUT_BF16)
+        tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- channel modes
@@ -223,6 +240,7 @@ def channel_dequant_kernel(
     M,
     BITS: tl.constexpr,
     NB: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     K: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -236,4 +254,5 @@ def channel_dequant_kernel(
     p = j[:, None] * K + tl.arange(0, K)[None, :]
     nn = p // inner
     idx = (nn * C + c) * inner + (p - nn * inner)
-    tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=p < M)
+    v = _out_value(y, OUT_BF16)
+    tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=p < M)

@@ -108,9 +108,9 @@ def quantize(
     if mode == "group":
         if numel == 0:
             codes = torch.empty(0, dtype=torch.uint8, device=dev)
-            scale, zero, nonfinite = torch.empty(0, **f32), torch.empty(0, **f32), False
+            scale, zero, flags = torch.empty(0, **f32), torch.empty(0, **f32), 0
         else:
-            codes, scale, zero, nonfinite = be.group_quantize(flat, bits, group_size, keys)
+            codes, scale, zero, flags = be.group_quantize(flat, bits, group_size, keys)
         p_bits, p_group = bits, group_size
     else:
         n, c, inner = channel_dims(x.shape)
@@ -128,6 +128,8 @@ def quantize(
             p_bits = bits
         qmax = ((1 << bits_c.to(torch.int32)) - 1).to(torch.float32)
         scale = (ch_max - zero) / qmax
+        if (~torch.isfinite(scale)).any():  # C values: cheap (and mixed mode synced already)
+            raise _overflow_error()
         offsets, total = channel_byte_offsets(bits_c, m)
         if numel == 0:
             codes = torch.zeros(total, dtype=torch.uint8, device=dev)
@@ -136,21 +138,13 @@ def quantize(
                 xc.view(n, c, inner), bits_c, scale, zero, offsets, total, keys
             )
         p_group = m
+        flags = nonfinite
 
-    # One host sync for both checks.
-    flags = torch.stack(
-        [
-            ~torch.isfinite(scale).all(),
-            torch.as_tensor(nonfinite, device=scale.device).reshape(()),
-        ]
-    ).tolist()
-    if flags[0]:
-        raise ValueError(
-            "quantize: the range max - min of a group/channel overflows float32 "
-            "(finite values spanning more than ~3.4e38 cannot be quantized)"
-        )
+    flags = int(flags)  # bit 0: non-finite input; bit 1: range overflow (one host sync)
+    if flags & 2:
+        raise _overflow_error()
     nf_index = nf_value = None
-    if flags[1]:
+    if flags & 1:
         nf_index = torch.nonzero(~torch.isfinite(flat)).flatten()
         nf_value = flat[nf_index].clone()
     return Packed(
@@ -164,6 +158,13 @@ def quantize(
         mode=mode,
         nonfinite_index=nf_index,
         nonfinite_value=nf_value,
+    )
+
+
+def _overflow_error() -> ValueError:
+    return ValueError(
+        "quantize: the range max - min of a group/channel overflows float32 "
+        "(finite values spanning more than ~3.4e38 cannot be quantized)"
     )
 
 

@@ -176,7 +176,11 @@ def unpack_rows(data: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
 
 def group_quantize(x: torch.Tensor, bits: int, group_size: int, keys):
-    """x: contiguous 1-D float tensor.  Returns codes, scale, zero, has_nonfinite."""
+    """x: contiguous 1-D float tensor.  Returns codes, scale, zero, flags.
+
+    flags (int or 0-d integer tensor): bit 0 set if some input is not finite, bit 1 if some
+    ``max - min`` overflowed float32 (scale is Inf).
+    """
     n = x.numel()
     ng = n_groups(n, group_size)
     pad = ng * group_size - n
@@ -193,8 +197,8 @@ def group_quantize(x: torch.Tensor, bits: int, group_size: int, keys):
         u = uniform(idx, keys).view(ng, group_size)
     codes = _codes_rows(rows, fin, mn, scale, qmax, u).view(-1)[:n]
     packed = pack_rows(codes.view(1, -1), bits).view(-1)
-    has_nonfinite = bool((~fin).view(-1)[:n].any()) if n else False
-    return packed, scale, mn, has_nonfinite
+    flags = (~fin).view(-1)[:n].any().to(torch.int64) | ((~torch.isfinite(scale)).any() << 1)
+    return packed, scale, mn, flags
 
 
 def group_dequantize(codes, scale, zero, bits: int, group_size: int, out: torch.Tensor) -> None:
@@ -218,9 +222,12 @@ def _channel_rows(x3: torch.Tensor) -> torch.Tensor:
 
 
 def channel_minmax(x3: torch.Tensor):
-    """Per-channel finite min / max of a contiguous (N, C, inner) tensor, has_nonfinite."""
+    """Per-channel finite min / max of a contiguous (N, C, inner) tensor, has_nonfinite.
+
+    has_nonfinite: a bool or a 0-d bool tensor.
+    """
     mn, mx, fin = _minmax_rows(_channel_rows(x3))
-    return mn, mx, bool((~fin).any())
+    return mn, mx, (~fin).any()
 
 
 def channel_quantize(x3, bits_c, scale, zero, offsets, total_bytes: int, keys):

@@ -104,7 +104,8 @@ def group_quantize(x: torch.Tensor, bits: int, group_size: int, keys):
         x, codes, scale, zero, bad, n, nb, k1, k2,
         GROUP=group_size, BITS=bits, CHUNK=chunk, N_CHUNKS=n_chunks, STOCH=stoch, **_LAUNCH,
     )  # fmt: skip
-    return codes, scale, zero, bad.any()
+    flags = bad.any().to(torch.int64) | ((~torch.isfinite(scale)).any().to(torch.int64) << 1)
+    return codes, scale, zero, flags
 
 
 def group_dequantize(codes, scale, zero, bits: int, group_size: int, out: torch.Tensor) -> None:
@@ -120,9 +121,10 @@ def group_dequantize(codes, scale, zero, bits: int, group_size: int, out: torch.
     if codes.numel() != nb or scale.numel() != ng or zero.numel() != ng:
         raise ValueError("codes / scale / zero sizes do not match out, bits and group_size")
     chunk, n_chunks = _chunking(group_size * bits // 8)
+    bf16 = out.dtype == torch.bfloat16
     k.group_dequant_kernel[(ng,)](
-        codes, scale, zero, out, n, nb,
-        GROUP=group_size, BITS=bits, CHUNK=chunk, N_CHUNKS=n_chunks, **_LAUNCH,
+        codes, scale, zero, out.view(torch.int16) if bf16 else out, n, nb,
+        GROUP=group_size, BITS=bits, CHUNK=chunk, N_CHUNKS=n_chunks, OUT_BF16=bf16, **_LAUNCH,
     )  # fmt: skip
 
 
@@ -207,11 +209,13 @@ def channel_dequantize(codes, bits_c, scale, zero, offsets, out3) -> None:
     _same_device(codes, out3, bits_c, scale, zero, offsets)
     n, c, inner = out3.shape
     m = n * inner
+    bf16 = out3.dtype == torch.bfloat16
+    out_arg = out3.view(torch.int16) if bf16 else out3
     for b, sel in _by_width(bits_c):
         nbytes = packed_nbytes(m, b)
         nb = _tile_bytes(nbytes)
         grid = (sel.numel(), (nbytes + nb - 1) // nb)
         k.channel_dequant_kernel[grid](
-            codes, sel, scale, zero, offsets, out3, c, inner, m,
-            BITS=b, NB=nb, **_LAUNCH,
+            codes, sel, scale, zero, offsets, out_arg, c, inner, m,
+            BITS=b, NB=nb, OUT_BF16=bf16, **_LAUNCH,
         )  # fmt: skip

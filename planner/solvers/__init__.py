@@ -61,6 +61,7 @@ class SolveResult:
 
 Solver = Callable[[PlanGraph, CostModel, int, SolverOptions], SolveResult]
 _REGISTRY: dict[str, Solver] = {}
+BASELINES = ("none", "all", "sqrt")  # fixed schemes: no safety margin, no adaptation
 
 
 def register(name: str) -> Callable[[Solver], Solver]:
@@ -125,7 +126,9 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
     start = time.perf_counter()
     space = plan_space(graph, costs)
     target = budget_bytes
-    if keep_all.peak_bytes <= budget_bytes:  # nothing to plan: keep-all fits exactly
+    if solver in BASELINES:  # a fixed scheme: run as users know it, judged as it is
+        result = function(graph, costs, budget_bytes, options)
+    elif keep_all.peak_bytes <= budget_bytes:  # nothing to plan: keep-all fits exactly
         result = SolveResult(decisions=space.decisions_from_groups([]), status="optimal",
                              objective=0.0, bound=0.0,
                              notes=("the keep-all peak fits the budget",))
