@@ -95,6 +95,7 @@ class CostModel:
     batch_size: int
     mode: str = "measured"
     device_speed: float = 1.0
+    region_bytes: int = 0                # held per checkpoint region: its saved RNG state
     extra: dict = field(default_factory=dict)
 
     @cached_property
@@ -126,6 +127,7 @@ class CostModel:
             "input_bytes": self.input_bytes, "grad_bytes": self.grad_bytes,
             "optimizer_state_bytes": self.optimizer_state_bytes,
             "optimizer_step_temp_bytes": self.optimizer_step_temp_bytes,
+            "region_bytes": self.region_bytes,
             "params": [list(p) for p in self.params],
             "storages": [s.__dict__ for s in self.storages],
             "nodes": [n.to_json() for n in self.nodes],
@@ -142,7 +144,8 @@ class CostModel:
                    optimizer_state_bytes=data["optimizer_state_bytes"],
                    optimizer_step_temp_bytes=data["optimizer_step_temp_bytes"],
                    batch_size=data["batch_size"], mode=data.get("mode", "measured"),
-                   device_speed=data.get("device_speed", 1.0))
+                   device_speed=data.get("device_speed", 1.0),
+                   region_bytes=data.get("region_bytes", 0))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -498,8 +501,11 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
         buffer_bytes=_unique_storage_bytes(list(gm.buffers())) if list(gm.buffers()) else 0,
         input_bytes=_unique_storage_bytes(batch),
         optimizer=optimizer, optimizer_state_bytes=optimizer_state_bytes(optimizer, sizes),
-        optimizer_step_temp_bytes=measure_optimizer_step_temp(optimizer, [p for _, p in trainable]),
-        batch_size=int(inputs[0].shape[0]))
+        optimizer_step_temp_bytes=measure_optimizer_step_temp(
+            optimizer, [p for _, p in trainable]),
+        batch_size=int(inputs[0].shape[0]),
+        # non-reentrant checkpoint saves the CPU RNG state per region (preserve_rng_state)
+        region_bytes=torch.get_rng_state().numel())
 
 
 def analytic_costs(costs: CostModel, *, flops_per_second: float, device_speed: float = 1.0

@@ -176,6 +176,9 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
     for position, name in enumerate(order):
         cost = node_cost[name]
         in_region = name in region_of
+        if in_region and regions[region_of[name]][0] == name:
+            # a region saves the RNG state when it starts, until its backward is done
+            memory.alloc(f"rng:{region_of[name]}", costs.region_bytes, "temporaries")
         new = [key for key in cost.allocates if storage[key].kind != "input"]
         added = 0
         for key in new:
@@ -297,6 +300,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             for key in region_keys[index]:
                 holders[key].discard(f"region:{index}")
                 released.append(key)
+            memory.free(f"rng:{index}")
         for key in released:  # freed once nobody holds it any more
             if key in memory.live and not holders.get(key) and storage[key].kind != "input":
                 memory.free(key)
