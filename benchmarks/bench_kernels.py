@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py [--mb 64] [--repeats 10] [--json]
         [--impls reference,cpu] [--modes group,mixed] [--bits 8,4,2] [--stochastic]
+        [--threads N]
 
 Measures, in one run and on the same float32 input of ``--mb`` MB:
 
@@ -85,7 +86,7 @@ def run(args) -> dict:
                 copy_now = copy_gbs()
                 tq = _median_time(lambda kw=kw, bits=bits: quantize(x, bits, **kw), reps)
                 p = quantize(x, bits, **kw)
-                td = _median_time(lambda p=p: dequantize(p, impl=impl, out=out), reps)
+                td = _median_time(lambda p=p, i=impl: dequantize(p, impl=i, out=out), reps)
                 row = {
                     "impl": impl,
                     "mode": mode,
@@ -151,7 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="group,mixed", help="comma-separated modes")
     ap.add_argument("--bits", default="8,4,2", help="comma-separated bit widths")
     ap.add_argument("--stochastic", action="store_true", help="stochastic rounding")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = run(args)
     if args.json:
         print(json.dumps(res, indent=2))

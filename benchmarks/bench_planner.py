@@ -110,8 +110,8 @@ def main(argv=None) -> int:
                                          analysis=analysis)
                 # the baseline's plan, however large the budget: re-solve at its peak
                 plan_b, _ = fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn,
-                                         budget=plan_b.predicted_peak_bytes, solver=baseline,
-                                         analysis=analysis)
+                                         budget=plan_b.predicted_peak_bytes + 65536,
+                                         solver=baseline, analysis=analysis)
             except fedplan.FedplanError as exc:
                 compare.append({"model": spec.name, "baseline": baseline,
                                 "error": str(exc)[:80]})

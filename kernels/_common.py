@@ -122,9 +122,7 @@ def check_quantize_args(x, bits, group_size, mode, target_bits) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"quantize supports float32, float16 and bfloat16 tensors, got {x.dtype}"
-        )
+        raise TypeError(f"quantize supports float32, float16 and bfloat16 tensors, got {x.dtype}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "mixed" or target_bits is None:

@@ -20,6 +20,8 @@ CPP_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -124,15 +126,19 @@ void minmax_finite(const T* x, int64_t n, MinMax& r) {
   int64_t i = 0;
 #if FP_SIMD
   if (n >= 8) {
+    // z = x * 0 is +-0 for finite x and NaN otherwise, so y = x + z is x or NaN, and
+    // min_ps / max_ps(y, acc) return acc when y is NaN: NaN and +-Inf are skipped without
+    // blends.  OR-ing the bits of z flags them (finite: only a sign bit can be set).
     __m256 vmn = _mm256_set1_ps(INF), vmx = _mm256_set1_ps(-INF);
-    __m256 allfin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    const __m256 pinf = _mm256_set1_ps(INF), ninf = _mm256_set1_ps(-INF);
+    __m256 nz = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
       __m256 v = ld8(x + i);
-      __m256 fin = finite8(v);
-      vmn = _mm256_min_ps(vmn, _mm256_blendv_ps(pinf, v, fin));
-      vmx = _mm256_max_ps(vmx, _mm256_blendv_ps(ninf, v, fin));
-      allfin = _mm256_and_ps(allfin, fin);
+      __m256 z = _mm256_mul_ps(v, zero);
+      __m256 y = _mm256_add_ps(v, z);
+      vmn = _mm256_min_ps(y, vmn);
+      vmx = _mm256_max_ps(y, vmx);
+      nz = _mm256_or_ps(nz, z);
     }
     alignas(32) float a[8], b[8];
     _mm256_store_ps(a, vmn);
@@ -141,7 +147,8 @@ void minmax_finite(const T* x, int64_t n, MinMax& r) {
       r.mn = a[j] < r.mn ? a[j] : r.mn;
       r.mx = b[j] > r.mx ? b[j] : r.mx;
     }
-    if (_mm256_movemask_ps(allfin) != 0xff) r.bad = true;
+    const __m256i mag = _mm256_and_si256(_mm256_castps_si256(nz), _mm256_set1_epi32(0x7fffffff));
+    if (!_mm256_testz_si256(mag, mag)) r.bad = true;
   }
 #endif
   for (; i < n; ++i) {
@@ -195,11 +202,11 @@ void codes_chunk(const float* v, const float* u, int64_t m, float z, float s, fl
     __m256i q[4];
     for (int j = 0; j < 4; ++j) {
       __m256 x = _mm256_loadu_ps(v + i + 8 * j);
+      x = _mm256_add_ps(x, _mm256_mul_ps(x, zero));  // NaN unless finite (see minmax_finite)
       __m256 t = _mm256_div_ps(_mm256_sub_ps(x, vz), vs);
       t = _mm256_add_ps(t, u ? _mm256_loadu_ps(u + i + 8 * j) : half);
       t = _mm256_floor_ps(t);
-      t = _mm256_min_ps(_mm256_max_ps(t, zero), vq);
-      t = _mm256_and_ps(t, finite8(x));
+      t = _mm256_min_ps(_mm256_max_ps(t, zero), vq);  // max_ps(NaN, 0) = 0: code 0
       q[j] = _mm256_cvttps_epi32(t);
     }
     __m256i a = _mm256_packus_epi32(q[0], q[1]);
@@ -453,12 +460,16 @@ bool channel_minmax_impl(const T* x, int64_t N, int64_t C, int64_t inner, float*
   return bad;
 }
 
-// Positions per (tile, channel) work item: a multiple of 128 (byte aligned at every width,
-// whole SIMD blocks), sized so that one tile of all channels stays in L2.
-inline int64_t tile_positions(int64_t C, int64_t M) {
-  int64_t tp = (65536 / std::max<int64_t>(C, 1)) / 128 * 128;
-  tp = std::max<int64_t>(128, std::min<int64_t>(CH, tp));
-  return std::min<int64_t>(tp, (M + 127) / 128 * 128);
+// Positions per (tile, channel) work item.  A tile is k whole rows (n) of every channel,
+// so that work items (t, c) in order t-major / c-minor read x in memory order; k makes the
+// tile a multiple of 4 positions (every channel stream byte aligned at every width), keeps
+// all channels of a tile within ~512 KB (L2) and a work item at >= 64 positions.
+inline int64_t tile_positions(int64_t C, int64_t inner) {
+  const int64_t align = inner % 4 == 0 ? 1 : (inner % 2 == 0 ? 2 : 4);
+  int64_t k = (131072 / std::max<int64_t>(C * inner, 1)) / align * align;
+  k = std::max(k, align);
+  while (k * inner < 64) k += align;
+  return k * inner;
 }
 
 // Visit the contiguous runs of channel c's stream positions [p0, p1):
@@ -480,25 +491,35 @@ void channel_quantize_impl(const T* x, int64_t N, int64_t C, int64_t inner, cons
                            const float* scale, const float* zero, const int64_t* offsets,
                            const Keys& keys, uint8_t* out) {
   const int64_t M = N * inner;
-  const int64_t tp = tile_positions(C, M);
+  const int64_t tp = tile_positions(C, inner);
   const int64_t nt = (M + tp - 1) / tp;
-  at::parallel_for(0, nt * C, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> vbuf(CH), ubuf(keys.on ? CH : 0);
-    std::vector<uint8_t> cbuf(CH);
+  const int64_t grain = std::max<int64_t>(1, 32768 / tp);  // small inputs: no threads
+  at::parallel_for(0, nt * C, grain, [&](int64_t w0, int64_t w1) {
+    std::vector<float> vbuf(tp), ubuf(keys.on ? tp : 0);
+    std::vector<uint8_t> cbuf(tp);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t t = w / C, c = w % C;
       const int64_t p0 = t * tp, p1 = std::min(M, p0 + tp), m = p1 - p0;
-      float* v = vbuf.data();
+      const float* v = vbuf.data();
       float* u = keys.on ? ubuf.data() : nullptr;
-      for_runs(C, inner, c, p0, p1, [&](int64_t flat, int64_t len, int64_t at) {
-        if (len == 1) {
-          v[at] = ld1(x + flat);
-          if (u) u[at] = uniform1(flat, keys);
-        } else {
-          load_run(x + flat, len, v + at);
-          if (u) fill_uniform(flat, len, keys, u + at);
-        }
-      });
+      const int64_t row0 = p0 / inner;
+      if (std::is_same<T, float>::value && (p1 - 1) / inner == row0) {
+        // one contiguous run: read the input in place
+        const int64_t flat = (row0 * C + c) * inner + (p0 - row0 * inner);
+        v = reinterpret_cast<const float*>(x + flat);
+        if (u) fill_uniform(flat, m, keys, u);
+      } else {
+        float* vb = vbuf.data();
+        for_runs(C, inner, c, p0, p1, [&](int64_t flat, int64_t len, int64_t at) {
+          if (len == 1) {
+            vb[at] = ld1(x + flat);
+            if (u) u[at] = uniform1(flat, keys);
+          } else {
+            load_run(x + flat, len, vb + at);
+            if (u) fill_uniform(flat, len, keys, u + at);
+          }
+        });
+      }
       const int b = bits_c[c];
       codes_chunk(v, u, m, zero[c], scale[c], static_cast<float>((1 << b) - 1), cbuf.data());
       pack(cbuf.data(), m, b, out + offsets[c] + p0 * b / 8);
@@ -511,18 +532,29 @@ void channel_dequantize_impl(const uint8_t* codes, int64_t N, int64_t C, int64_t
                              const uint8_t* bits_c, const float* scale, const float* zero,
                              const int64_t* offsets, T* out) {
   const int64_t M = N * inner;
-  const int64_t tp = tile_positions(C, M);
+  const int64_t tp = tile_positions(C, inner);
   const int64_t nt = (M + tp - 1) / tp;
-  at::parallel_for(0, nt * C, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> vbuf(CH);
-    std::vector<uint8_t> cbuf(CH);
+  const int64_t grain = std::max<int64_t>(1, 32768 / tp);  // small inputs: no threads
+  at::parallel_for(0, nt * C, grain, [&](int64_t w0, int64_t w1) {
+    std::vector<float> vbuf(tp);
+    std::vector<uint8_t> cbuf(tp);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t t = w / C, c = w % C;
       const int64_t p0 = t * tp, p1 = std::min(M, p0 + tp), m = p1 - p0;
       const int b = bits_c[c];
-      unpack(codes + offsets[c] + p0 * b / 8, m, b, cbuf.data());
+      const uint8_t* in = codes + offsets[c] + p0 * b / 8;
+      const uint8_t* q = in;
+      if (b != 8) {
+        unpack(in, m, b, cbuf.data());
+        q = cbuf.data();
+      }
+      const int64_t row0 = p0 / inner;
+      if ((p1 - 1) / inner == row0) {  // one contiguous run: write the output in place
+        dequant_run(q, m, zero[c], scale[c], out + (row0 * C + c) * inner + (p0 - row0 * inner));
+        continue;
+      }
       float* v = vbuf.data();
-      dequant_run(cbuf.data(), m, zero[c], scale[c], v);
+      dequant_run(q, m, zero[c], scale[c], v);
       for_runs(C, inner, c, p0, p1, [&](int64_t flat, int64_t len, int64_t at) {
         if (len == 1) st1(out + flat, v[at]);
         else store_run(v + at, len, out + flat);

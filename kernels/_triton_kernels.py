@@ -170,8 +170,9 @@ def group_dequant_kernel(
 
 
 @triton.jit
-def channel_minmax_kernel(x_ptr, pmin_ptr, pmax_ptr, pbad_ptr, C, inner, M, n_tiles,
-                          TILE: tl.constexpr):
+def channel_minmax_kernel(
+    x_ptr, pmin_ptr, pmax_ptr, pbad_ptr, C, inner, M, n_tiles, TILE: tl.constexpr
+):
     """Grid (C, n_tiles): partial finite min / max / non-finite count of one tile."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)

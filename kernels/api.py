@@ -194,10 +194,7 @@ def dequantize(p: Packed, *, impl: str = "auto", out: torch.Tensor | None = None
     if out is None:
         out = torch.empty(p.shape, dtype=p.dtype, device=dev)
     elif (
-        out.shape != p.shape
-        or out.dtype != p.dtype
-        or out.device != dev
-        or not out.is_contiguous()
+        out.shape != p.shape or out.dtype != p.dtype or out.device != dev or not out.is_contiguous()
     ):
         raise ValueError(
             f"out must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)} on {dev}, "

@@ -7,9 +7,10 @@ several times slower; see ``benchmarks/bench_kernels.py``.
 
 The extension is compiled once with ``torch.utils.cpp_extension.load`` (needs a C++
 compiler and ``ninja``; its functions are registered as ``torch.ops.<name>.*`` operators,
-which needs far lighter headers than a pybind11 module: ~20 s of build instead of ~70 s) and cached by torch in its extensions directory (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``) under a name that hashes source and flags, so later
-processes load it in well under a second.  A one-line progress message goes to stderr when a
+which needs far lighter headers than a pybind11 module: ~20 s of build instead of ~70 s)
+and cached by torch in its extensions directory (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) under a name that hashes source, flags and torch version, so
+later processes load it in well under a second.  A one-line progress message goes to stderr when a
 build actually runs.  Any failure (no compiler, no ninja, compile error) emits one
 ``warnings.warn`` and the callers fall back to the reference implementation.
 
@@ -22,6 +23,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import warnings
 
@@ -42,7 +44,17 @@ def _module_name() -> str:
     return "fedplan_quant_cpu_" + h.hexdigest()[:16]
 
 
+_prereq_cache: dict = {}
+
+
 def _prerequisites_missing() -> str | None:
+    """Why the extension cannot be built here (None if it can); checked once per process."""
+    if "why" not in _prereq_cache:
+        _prereq_cache["why"] = _check_prerequisites()
+    return _prereq_cache["why"]
+
+
+def _check_prerequisites() -> str | None:
     if os.environ.get("FEDPLAN_KERNELS_NO_BUILD") == "1":
         return "FEDPLAN_KERNELS_NO_BUILD=1 is set"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -64,11 +76,22 @@ def is_available() -> bool:
     return not _state["failed"] and _prerequisites_missing() is None
 
 
+def _build_directory(name: str) -> str:
+    try:  # torch's own per-extension cache directory (honours TORCH_EXTENSIONS_DIR)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        path = _get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001 - private helper moved or failed: use our own dir
+        path = os.path.join(tempfile.gettempdir(), "fedplan_torch_extensions", name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _build():
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
     name = _module_name()
-    build_dir = _get_build_directory(name, verbose=False)
+    build_dir = _build_directory(name)
     cached = os.path.exists(os.path.join(build_dir, name + ".so"))
     if not cached:
         print(
@@ -88,6 +111,7 @@ def _build():
         sources=[src_path],
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,
+        build_directory=build_dir,
         is_python_module=False,
         verbose=False,
     )
@@ -95,7 +119,7 @@ def _build():
 
 
 def load():
-    """The compiled operators (``torch.ops.<name>``), building them on first use; None on failure."""
+    """The compiled operators (``torch.ops.<name>``), built on first use; None on failure."""
     if _state["module"] is not None or _state["failed"]:
         return _state["module"]
     with _lock:

@@ -92,6 +92,21 @@ class CpSatModel:
         live = 0
         previous = 0
         fixed = _up(facts.fixed)
+        # every region holds its saved RNG state: count region starts
+        starts = []
+        for i in range(n):
+            r = r_at(i)
+            if r is None:
+                continue
+            before = r_at(i - 1) if i > 0 else None
+            start = model.NewBoolVar(f"start_{i}")
+            if before is None:
+                model.AddImplication(r, start)
+            else:
+                model.AddBoolOr([r.Not(), before, start])  # r and not before -> start
+            starts.append(start)
+        if starts and facts.region_kib > 0:
+            fixed = fixed + _up(facts.region_kib) * sum(starts)
         for i in range(n):
             live += live_delta[i]
             prefix = model.NewIntVar(0, total, f"Rf_{i}")

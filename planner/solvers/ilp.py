@@ -68,6 +68,7 @@ class _Facts:
     backward_extra: list[float]              # backward temporaries + accumulation
     produced: list[list[str]]                # storages re-made for backward, by first saver
     fixed: float
+    region_kib: float                        # held per checkpoint region (its RNG state)
     optimizer_peak: float
     max_forward_temp: float
 
@@ -230,7 +231,7 @@ def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = 
     max_temp = max((node_cost[name].temp_bytes / KIB for name in unit_of), default=0.0)
     return _Facts(order, position, unit_of, list(sizes), sizes, producer, end_read, savers,
                   readers, free_from, forward_extra, backward_base, backward_extra,
-                  produced, fixed, optimizer_peak, max_temp)
+                  produced, fixed, costs.region_bytes / KIB, optimizer_peak, max_temp)
 
 
 class _Model:
@@ -259,6 +260,18 @@ class _Model:
         budget = (solver.NumVar(0, infinity, "peak") if budget_bytes is None
                   else budget_bytes / KIB)
         self.peak_var = budget if budget_bytes is None else None
+
+        # every region holds its saved RNG state: count region starts
+        starts = []
+        for i in range(n):
+            r = r_at(i)
+            if r is None:
+                continue
+            before = r_at(i - 1) if i > 0 else None
+            start = solver.NumVar(0, 1, f"start_{i}")
+            solver.Add(start >= r - (before if before is not None else 0))
+            starts.append(start)
+        fixed = facts.fixed + facts.region_kib * solver.Sum(starts) if starts else facts.fixed
 
         # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
         h: dict[str, object] = {}
@@ -326,7 +339,7 @@ class _Model:
             solver.Add(prefix == (previous if previous is not None else 0)
                        + constant + solver.Sum(variables))  # retained, read before i
             previous = prefix
-            solver.Add(facts.fixed + live + prefix + facts.forward_extra[i] <= budget)
+            solver.Add(fixed + live + prefix + facts.forward_extra[i] <= budget)
 
         # backward: retained storages are held until backward passes their producer
         by_free: dict[int, list[str]] = {}
@@ -370,9 +383,9 @@ class _Model:
                 a_previous, t_previous = a, tau
                 recomputed = a
                 # the recomputation itself, when backward enters the region
-                solver.Add(facts.fixed + backward_prefix[i] + a + facts.backward_base[i]
+                solver.Add(fixed + backward_prefix[i] + a + facts.backward_base[i]
                            + tau <= budget)
-            solver.Add(facts.fixed + backward_prefix[i] + recomputed
+            solver.Add(fixed + backward_prefix[i] + recomputed
                        + facts.backward_base[i] + facts.backward_extra[i] <= budget)
 
         # objective: recompute seconds (ms), or the peak first when minimising it
