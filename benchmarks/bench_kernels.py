@@ -140,7 +140,10 @@ def print_table(res: dict) -> None:
             f"{r['dequantize_gbs']:.2f}",
             f"[{ok_d}]{r['dequantize_ratio']:.2f}[/{ok_d}]",
         )
-    Console().print(t)
+    console = Console()
+    if console.width < 130:  # pipes default to 80 columns, which would truncate the table
+        console = Console(width=130)
+    console.print(t)
 
 
 def main(argv=None) -> int:

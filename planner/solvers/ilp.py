@@ -495,6 +495,8 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
         raise SolverError("the ILP model is invalid (OR-Tools MODEL_INVALID); this is a bug "
                           "in fedplan, please report it with the model file")
     if warm:  # infeasible for the conservative model, or no solution in time
+        # the warm start was a quick greedy; the full one is better and still fast
+        warm = greedy_decisions(graph, costs, budget_bytes) or warm
         reason = ("the ILP's conservative memory model has no plan" if state == "infeasible"
                   else f"{options.backend} found no plan in {options.time_limit_seconds:g} s")
         notes.append(f"{reason}; returned the greedy plan, which the simulator accepts")
