@@ -178,7 +178,7 @@ def seed_keys(seed: int) -> tuple[int, int]:
 def uniform_for_index(index: int, seed: int) -> float:
     """u in [0, 1) for one flat element index (slow; documentation / tests)."""
     k1, k2 = seed_keys(seed)
-    h = mix32(mix32((index & MASK32) ^ k1) ^ ((index >> 32) & MASK32) ^ k2)
+    h = mix32((index & MASK32) ^ k1 ^ mix32(((index >> 32) & MASK32) ^ k2))
     return (h >> 8) * 2.0**-24
 
 

@@ -3,8 +3,9 @@
 AVX2 + F16C intrinsics where the compiler targets them (``-march=native``), with scalar loops
 that compute bit-identical results (tails, and the whole job on other CPUs).  Compiled with
 ``-ffp-contract=off`` so no multiply-add is ever fused: the format (reference.py) specifies
-separately rounded float32 operations.  Threads: ``at::parallel_for`` (torch's intra-op pool).  The functions are registered as
-torch operators (``torch.ops.<name>.*``, see :func:`registration`).
+separately rounded float32 operations.  Threads: torch's intra-op pool (``at::parallel_for``)
+with dynamic chunking.  The functions are registered as torch operators
+(``torch.ops.<name>.*``, see :func:`registration`).
 """
 
 CPP_SOURCE = r"""
@@ -93,8 +94,8 @@ inline uint32_t mix1(uint32_t h) {
 }
 inline float uniform1(int64_t idx, const Keys& k) {
   uint64_t i = static_cast<uint64_t>(idx);
-  uint32_t h = mix1(static_cast<uint32_t>(i) ^ k.k1);
-  h = mix1(h ^ static_cast<uint32_t>(i >> 32) ^ k.k2);
+  const uint32_t key = mix1(static_cast<uint32_t>(i >> 32) ^ k.k2) ^ k.k1;
+  const uint32_t h = mix1(static_cast<uint32_t>(i) ^ key);
   return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
 }
 
@@ -104,13 +105,14 @@ void fill_uniform(int64_t base, int64_t m, const Keys& k, float* u) {
 #if FP_SIMD
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 two24 = _mm256_set1_ps(5.9604644775390625e-08f);
+  // the high index word is constant until the low word wraps (then: scalar loop)
+  const uint32_t key = mix1(static_cast<uint32_t>(static_cast<uint64_t>(base) >> 32) ^ k.k2) ^ k.k1;
+  const __m256i vkey = _mm256_set1_epi32(static_cast<int>(key));
   for (; i + 8 <= m; i += 8) {
     uint64_t b = static_cast<uint64_t>(base + i);
     if ((b & 0xffffffffull) > 0xfffffff7ull) break;  // lanes would straddle a 2^32 boundary
     __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b))), iota);
-    __m256i h = mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int>(k.k1))));
-    uint32_t hk = static_cast<uint32_t>(b >> 32) ^ k.k2;
-    h = mix8(_mm256_xor_si256(h, _mm256_set1_epi32(static_cast<int>(hk))));
+    __m256i h = mix8(_mm256_xor_si256(lo, vkey));
     __m256 f = _mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8));
     _mm256_storeu_ps(u + i, _mm256_mul_ps(f, two24));
   }
@@ -316,6 +318,27 @@ void dequant_run(const uint8_t* c, int64_t m, float z, float s, T* out) {
   }
 }
 
+// Like at::parallel_for, but the threads take chunks of `grain` items from a shared counter:
+// a thread that the OS deschedules (2 cores shared with a data loader, other processes...)
+// then delays the call by at most one chunk instead of its whole static share.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int nt = at::get_num_threads();
+  if (n <= grain || nt <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(grain);
+      if (b >= n) break;
+      f(b, std::min(n, b + grain));
+    }
+  });
+}
+
 // ------------------------------------------------------------------ group mode
 // Returns bit 0: some input is not finite; bit 1: some max - min overflowed float32.
 template <typename T>
@@ -325,7 +348,7 @@ int group_quantize_impl(const T* x, int64_t n, int bits, int64_t G, const Keys& 
   const float qmax = static_cast<float>((1 << bits) - 1);
   std::atomic<int> flags{0};
   const int64_t grain = std::max<int64_t>(1, 32768 / G);
-  at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
+  parallel_chunks(ng, grain, [&](int64_t g0, int64_t g1) {
     std::vector<float> vbuf(std::is_same<T, float>::value ? 0 : CH), ubuf(keys.on ? CH : 0);
     std::vector<uint8_t> cbuf(CH);
     bool local_bad = false, local_ovf = false;
@@ -365,7 +388,7 @@ void group_dequantize_impl(const uint8_t* codes, const float* scale, const float
                            int bits, int64_t G, int64_t n, T* out) {
   const int64_t ng = (n + G - 1) / G;
   const int64_t grain = std::max<int64_t>(1, 32768 / G);
-  at::parallel_for(0, ng, grain, [&](int64_t g0, int64_t g1) {
+  parallel_chunks(ng, grain, [&](int64_t g0, int64_t g1) {
     std::vector<uint8_t> cbuf(CH);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t start = g * G, len = std::min(G, n - start);
@@ -393,7 +416,7 @@ bool channel_minmax_impl(const T* x, int64_t N, int64_t C, int64_t inner, float*
   std::vector<char> pbad(nt, 0);
   if (inner >= 16) {
     const int64_t grain = std::max<int64_t>(1, 32768 / inner);
-    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+    parallel_chunks(N * C, grain, [&](int64_t r0, int64_t r1) {
       const int tid = at::get_thread_num();
       float* tmn = pmn.data() + static_cast<size_t>(tid) * C;
       float* tmx = pmx.data() + static_cast<size_t>(tid) * C;
@@ -409,7 +432,7 @@ bool channel_minmax_impl(const T* x, int64_t N, int64_t C, int64_t inner, float*
   } else {
     const int64_t row = C * inner;
     const int64_t grain = std::max<int64_t>(1, 32768 / row);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    parallel_chunks(N, grain, [&](int64_t n0, int64_t n1) {
       const int tid = at::get_thread_num();
       float* tmn = pmn.data() + static_cast<size_t>(tid) * C;
       float* tmx = pmx.data() + static_cast<size_t>(tid) * C;
@@ -494,7 +517,7 @@ void channel_quantize_impl(const T* x, int64_t N, int64_t C, int64_t inner, cons
   const int64_t tp = tile_positions(C, inner);
   const int64_t nt = (M + tp - 1) / tp;
   const int64_t grain = std::max<int64_t>(1, 32768 / tp);  // small inputs: no threads
-  at::parallel_for(0, nt * C, grain, [&](int64_t w0, int64_t w1) {
+  parallel_chunks(nt * C, grain, [&](int64_t w0, int64_t w1) {
     std::vector<float> vbuf(tp), ubuf(keys.on ? tp : 0);
     std::vector<uint8_t> cbuf(tp);
     for (int64_t w = w0; w < w1; ++w) {
@@ -535,7 +558,7 @@ void channel_dequantize_impl(const uint8_t* codes, int64_t N, int64_t C, int64_t
   const int64_t tp = tile_positions(C, inner);
   const int64_t nt = (M + tp - 1) / tp;
   const int64_t grain = std::max<int64_t>(1, 32768 / tp);  // small inputs: no threads
-  at::parallel_for(0, nt * C, grain, [&](int64_t w0, int64_t w1) {
+  parallel_chunks(nt * C, grain, [&](int64_t w0, int64_t w1) {
     std::vector<float> vbuf(tp);
     std::vector<uint8_t> cbuf(tp);
     for (int64_t w = w0; w < w1; ++w) {

@@ -27,8 +27,8 @@ def _uniform(idx, k1, k2):
     """u in [0, 1) for int64 flat indices (see reference.py, "Stochastic rounding")."""
     lo = (idx & 0xFFFFFFFF).to(tl.uint32)
     hi = (idx >> 32).to(tl.uint32)
-    h = _mix32(lo ^ k1.to(tl.uint32))
-    h = _mix32(h ^ hi ^ k2.to(tl.uint32))
+    key = _mix32(hi ^ k2.to(tl.uint32)) ^ k1.to(tl.uint32)
+    h = _mix32(lo ^ key)
     return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
 
 

@@ -75,8 +75,11 @@ Stochastic rounding.
       mix32(h): h ^= h >> 16; h *= 0x7feb352d; h ^= h >> 15; h *= 0x846ca68b; h ^= h >> 16
                 (uint32 arithmetic, "lowbias32" by C. Wellons)
       k1 = mix32(seed_lo ^ 0x9e3779b9);  k2 = mix32(seed_hi ^ k1 ^ 0x85ebca6b)
-      h  = mix32(mix32(i_lo ^ k1) ^ i_hi ^ k2)        # i_lo / i_hi: low / high 32 bits of i
+      h  = mix32(i_lo ^ k1 ^ mix32(i_hi ^ k2))        # i_lo / i_hi: low / high 32 bits of i
       u  = (h >> 8) * 2**-24                           # 24 random bits, exact in float32
+
+  ``k1 ^ mix32(i_hi ^ k2)`` is constant over 2**32 consecutive indices, so the kernels
+  evaluate one ``mix32`` per element.
 
   ``E[floor(t + u)] = t`` up to the 2**-24 granularity of ``u``, so rounding is unbiased.
 """
@@ -114,8 +117,8 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 def uniform(index: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
     """u in [0, 1) (float32) for int64 flat element indices (see the module docstring)."""
     k1, k2 = keys
-    h = _mix32((index & MASK32) ^ k1)
-    h = _mix32(h ^ ((index >> 32) & MASK32) ^ k2)
+    key = _mix32(((index >> 32) & MASK32) ^ k2) ^ k1
+    h = _mix32((index & MASK32) ^ key)
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
