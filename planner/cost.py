@@ -148,13 +148,14 @@ class CostModel:
                    region_bytes=data.get("region_bytes", 0))
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in tensors_in(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in tensors_in(item)]
     return []
 
 
@@ -223,7 +224,7 @@ class _Profiler(torch.fx.Interpreter):
         self.allocates[n.name] = []
         self.saved[n.name] = []
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        inputs = [(inp.name, t) for inp in n.all_input_nodes for t in _tensors(self.env[inp])]
+        inputs = [(inp.name, t) for inp in n.all_input_nodes for t in tensors_in(self.env[inp])]
         versions = [(name, t._version) for name, t in inputs]
         with record_function(f"fedplan::{n.name}"), \
                 torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
@@ -232,7 +233,7 @@ class _Profiler(torch.fx.Interpreter):
         self.mutates[n.name] = tuple(dict.fromkeys(
             name for (name, before), (_, t) in zip(versions, inputs) if t._version != before))
         keys = []
-        for index, tensor in enumerate(_tensors(result)):
+        for index, tensor in enumerate(tensors_in(result)):
             ptr = _ptr(tensor)
             if ptr in self.param_keys:
                 continue
@@ -250,7 +251,7 @@ class _Profiler(torch.fx.Interpreter):
             if key not in keys:
                 keys.append(key)
         self.outputs[n.name] = tuple(keys)
-        self.requires_grad[n.name] = any(t.requires_grad for t in _tensors(result))
+        self.requires_grad[n.name] = any(t.requires_grad for t in tensors_in(result))
         return result
 
 
@@ -314,7 +315,7 @@ def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], ta
     for node in gm.graph.nodes:
         fns = set()
         for inp in node.all_input_nodes:
-            for tensor in _tensors(values.get(inp.name)):
+            for tensor in tensors_in(values.get(inp.name)):
                 if tensor.grad_fn is not None:
                     fns.add(id(tensor.grad_fn))
         input_fns[node.name] = fns
@@ -349,7 +350,7 @@ def _backward_temps(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], ta
         grad_fn.register_hook(post)
 
     for name, value in values.items():
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             grad_fn = tensor.grad_fn
             if grad_fn is not None and id(grad_fn) not in seen:
                 seen.add(id(grad_fn))
@@ -425,7 +426,7 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
     param_keys = {_ptr(p): name for name, p in model_params}
     trainable = [(name, p) for name, p in model_params if p.requires_grad]
     trainable_ptr = {_ptr(p): name for name, p in trainable}
-    batch = list(inputs) + _tensors(targets)
+    batch = list(inputs) + tensors_in(targets)
     input_ptrs = {_ptr(t) for t in batch}
     modules = dict(gm.named_modules())
 

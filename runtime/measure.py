@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedplan.planner.cost import tensors_in
 from fedplan.planner.profiling import memory_profile, peak_allocated
 
 
@@ -34,16 +35,6 @@ class StepMeasurement:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
 
 
 def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -62,7 +53,7 @@ def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     add(value)
-    for tensor in _tensors(list(batch)):
+    for tensor in tensors_in(list(batch)):
         add(tensor)
     return sum(storages.values())
 
@@ -103,7 +94,7 @@ def measure_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], target
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)
-    batch = list(inputs) + _tensors(targets)
+    batch = list(inputs) + tensors_in(targets)
     start_bytes = held_bytes(module, optimizer, batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
