@@ -23,11 +23,10 @@ FLOPs / (device FLOP/s): for planning on a device that is not this machine.
 from __future__ import annotations
 
 import bisect
-import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -96,7 +95,6 @@ class CostModel:
     mode: str = "measured"
     device_speed: float = 1.0
     region_bytes: int = 0                # held per checkpoint region: its saved RNG state
-    extra: dict = field(default_factory=dict)
 
     @cached_property
     def node(self) -> dict[str, NodeCost]:
@@ -524,8 +522,3 @@ def analytic_costs(costs: CostModel, *, flops_per_second: float, device_speed: f
         written = sum(storage[key].nbytes for key in node.allocates)
         nodes.append(replace(node, forward_seconds=(node.flops + written) / rate))
     return replace(costs, nodes=tuple(nodes), mode="analytic", device_speed=device_speed)
-
-
-def copy_for_profiling(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy, so profiling never touches the user's BatchNorm statistics."""
-    return copy.deepcopy(module)

@@ -145,7 +145,6 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
     holders: dict[str, set[str]] = {}
     region_keys: list[set[str]] = []
     for name in order:
-        decision = decisions.get(name, "keep")
         if name in region_of:
             continue
         for key in node_cost[name].saved:
@@ -160,7 +159,6 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         region_keys.append(region_inputs)
         for key in region_inputs:
             holders.setdefault(key, set()).add(f"region:{index}")
-    del decision
 
     memory = _Memory()
     fixed = {"parameters": costs.param_bytes + costs.buffer_bytes,
@@ -169,7 +167,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         memory.alloc(f"<{category}>", nbytes, category)
     events: list[Event] = []
 
-    def packed_size(key: str, holder: str) -> int:
+    def packed_size(key: str) -> int:
         return packed_bytes.get(key, storage[key].nbytes)
 
     # ---- forward -------------------------------------------------------------------
@@ -198,7 +196,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                 if all(decisions.get(h, "keep").startswith("compress")
                        for h in held if not h.startswith("region:")) and not any(
                            h.startswith("region:") for h in held):
-                    size = packed_size(key, name)
+                    size = packed_size(key)
                     memory.free(key)
                     memory.alloc(key, size, "saved_activations")
                 else:
@@ -225,7 +223,6 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         if name in region_of and region_of[name] not in started_regions:
             index = region_of[name]
             started_regions.add(index)
-            recomputed = []
             transient = 0
             for member in regions[index]:
                 member_cost = node_cost[member]
@@ -234,14 +231,12 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                     # a recomputed saved tensor lives until its own node's backward
                     holders.setdefault(key, set()).add(member)
                     if key not in memory.live:
-                        recomputed.append(key)
                         memory.alloc(key, storage[key].nbytes, "saved_activations")
             events.append(Event("recompute", name, memory.level,
                                 memory.observe("recompute", name, transient)))
         if not cost.requires_grad:
             continue
         # gradients flowing into this node's inputs
-        new_grads = 0
         accumulate = 0
         targets = output_inputs if name == LOSS else graph.node(name).inputs
         for inp in targets:
@@ -273,7 +268,6 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             else:
                 grads[inp] = f"grad:{inp}"
                 buffer_refs[grads[inp]] = 1
-                new_grads += size
                 memory.alloc(f"grad:{inp}", size, "temporaries")
         for param in cost.params:
             key = f"param_grad:{param}"
