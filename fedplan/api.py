@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedplan.planner.budget import Budget
-from fedplan.planner.errors import BudgetInfeasibleError, TraceError
+from fedplan.planner.errors import BudgetInfeasibleError
 from fedplan.planner.optimizers import check_optimizer, make_optimizer
 from fedplan.planner.plan import Plan
 from fedplan.planner.simulate import simulate
@@ -136,9 +136,6 @@ def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike, *,
           leaf_modules: Sequence[Any] = ()) -> PlannedModule:
     """Run a saved plan on ``model``; the plan must have been made for this model."""
     loaded = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
-    try:
-        graph_module, _ = symbolic_trace(model, leaf_modules=leaf_modules)
-    except TraceError:
-        raise
+    graph_module, _ = symbolic_trace(model, leaf_modules=leaf_modules)
     loaded.check_matches(fingerprint=structure_fingerprint(graph_module), source="plan")
     return PlannedModule(model, graph_module, loaded)

@@ -186,8 +186,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
         model = spec.build()
         reference = copy.deepcopy(model)
         # the model's fingerprint is checked by apply(); batch and optimizer here
-        plan.check_matches(fingerprint=plan.fingerprint, batch_size=batch_size,
-                           optimizer=args.optimizer, source=f"plan {args.plan!r}")
+        plan.check_matches(batch_size=batch_size, optimizer=args.optimizer,
+                           source=f"plan {args.plan!r}")
         planned = apply(model, plan, leaf_modules=args.leaf + list(spec.leaf_modules))
         inputs, targets = spec.batch(batch_size)
         say("gradients against the unplanned model")

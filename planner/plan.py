@@ -137,10 +137,11 @@ class Plan:
                                 f"be truncated or corrupt: re-run `fedplan compile`") from exc
         return cls.from_json(data, source=f"plan file {str(path)!r}")
 
-    def check_matches(self, *, fingerprint: str, batch_size: int | None = None,
+    def check_matches(self, *, fingerprint: str | None = None, batch_size: int | None = None,
                       optimizer: str | None = None, source: str = "plan") -> None:
-        """Raise PlanMismatchError if this plan was made for another model or setting."""
-        if fingerprint != self.fingerprint:
+        """Raise PlanMismatchError if this plan was made for another model or setting;
+        each check runs only when its argument is given."""
+        if fingerprint is not None and fingerprint != self.fingerprint:
             raise PlanMismatchError(
                 f"{source} was made for model {self.model_name!r} with fingerprint "
                 f"{self.fingerprint}; this model traces to {fingerprint}; compile a plan "

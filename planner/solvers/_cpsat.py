@@ -24,8 +24,7 @@ def _up(value_kib: float) -> int:
 
 
 class CpSatModel:
-    def __init__(self, facts, costs: CostModel, budget_bytes: int | None, options,
-                 region_span: int):
+    def __init__(self, facts, costs: CostModel, budget_bytes: int | None, options):
         self.facts = facts
         model = cp_model.CpModel()
         self.model = model
@@ -50,35 +49,22 @@ class CpSatModel:
             self.peak_var = None
 
         h: dict[str, object] = {}
-        for key in facts.storages:
-            saver_rs = []
-            always = False
-            for saver in facts.savers[key]:
-                r = r_at(saver)
-                if r is None:
-                    always = True
-                    break
-                saver_rs.append(r)
-            if always:
-                h[key] = 1
-                continue
-            region_inputs = [(p, c, r_at(c)) for p, c in facts.readers[key] if r_at(c) is not None]
-            if not saver_rs and not region_inputs:
-                h[key] = 0
+        for key, why in facts.retention.items():
+            if why.always or why.never:
+                h[key] = 1 if why.always else 0
                 continue
             var = model.NewBoolVar(f"h_{key}")
             h[key] = var
-            for r in saver_rs:
-                model.AddBoolOr([r, var])  # a kept saver holds the storage for backward
-            for provider, reader, r_reader in region_inputs:
-                span = [r_at(i) for i in range(provider, reader + 1)]
-                if len(span) > region_span or any(r is None for r in span):
-                    model.AddImplication(r_reader, var)  # reader's region starts after
+            for unit in why.savers:
+                model.AddBoolOr([self.r[unit], var])  # a kept saver holds it for backward
+            for index, (reader, span) in enumerate(why.region_inputs):
+                if span is None:  # the reader's region starts after the provider
+                    model.AddImplication(self.r[reader], var)
                     continue
-                same = model.NewBoolVar(f"z_{key}_{provider}_{reader}")
-                for r in span:
-                    model.AddImplication(same, r)  # one region: every node between recomputes
-                model.AddBoolOr([r_reader.Not(), same, var])  # region saves outside inputs
+                same = model.NewBoolVar(f"z_{key}_{index}")
+                for unit in span:
+                    model.AddImplication(same, self.r[unit])  # one region: all recompute
+                model.AddBoolOr([self.r[reader].Not(), same, var])  # region saves inputs
 
         def retained(keys):
             return sum(size[key] * h[key] for key in keys)

@@ -49,6 +49,47 @@ REGION_SPAN = 32
 MAX_UNITS = 1000
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Why storage ``k`` may be held for backward, in decision units (backend-free).
+
+    ``always``: a saver that is never recomputed holds it; otherwise ``savers`` are the
+    units whose keeping holds it, and ``region_inputs`` the (reader unit, span units)
+    pairs where a recomputed reader's region must save it unless every unit in ``span``
+    is recomputed too (``span`` None: the reader's region always starts after it).
+    """
+
+    always: bool = False
+    savers: tuple[int, ...] = ()
+    region_inputs: tuple[tuple[int, tuple[int, ...] | None], ...] = ()
+
+    @property
+    def never(self) -> bool:
+        return not self.always and not self.savers and not self.region_inputs
+
+
+def _retention(facts_order: list[str], unit_of: dict[str, int], savers: list[int],
+               readers: list[tuple[int, int]]) -> Retention:
+    def unit(i: int) -> int | None:
+        return unit_of.get(facts_order[i])
+
+    saver_units = []
+    for saver in savers:
+        if unit(saver) is None:
+            return Retention(always=True)
+        saver_units.append(unit(saver))
+    region_inputs = []
+    for provider, reader in readers:
+        if unit(reader) is None:
+            continue
+        span = [unit(i) for i in range(provider, reader + 1)]
+        if len(span) > REGION_SPAN or any(u is None for u in span):
+            region_inputs.append((unit(reader), None))
+        else:
+            region_inputs.append((unit(reader), tuple(span)))
+    return Retention(savers=tuple(saver_units), region_inputs=tuple(region_inputs))
+
+
 @dataclass
 class _Facts:
     """Constants read off the graph and cost model, in positions of the compute order."""
@@ -67,6 +108,7 @@ class _Facts:
     backward_base: list[float]               # grads live at each backward position
     backward_extra: list[float]              # backward temporaries + accumulation
     produced: list[list[str]]                # storages re-made for backward, by first saver
+    retention: dict[str, Retention]          # why each storage may be held for backward
     fixed: float
     region_kib: float                        # held per checkpoint region (its RNG state)
     optimizer_peak: float
@@ -229,9 +271,11 @@ def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = 
     if unit_of is None:
         unit_of = {name: index for index, group in enumerate(space.groups) for name in group}
     max_temp = max((node_cost[name].temp_bytes / KIB for name in unit_of), default=0.0)
+    retention = {key: _retention(order, unit_of, savers[key], readers[key]) for key in sizes}
     return _Facts(order, position, unit_of, list(sizes), sizes, producer, end_read, savers,
                   readers, free_from, forward_extra, backward_base, backward_extra,
-                  produced, fixed, costs.region_bytes / KIB, optimizer_peak, max_temp)
+                  produced, retention, fixed, costs.region_bytes / KIB, optimizer_peak,
+                  max_temp)
 
 
 class _Model:
@@ -275,42 +319,22 @@ class _Model:
 
         # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
         h: dict[str, object] = {}
-        for key in facts.storages:
-            saver_rs = []
-            always = False
-            for saver in facts.savers[key]:
-                r = r_at(saver)
-                if r is None:
-                    always = True
-                    break
-                saver_rs.append(r)
-            region_inputs = []
-            if not always:
-                for provider, reader in facts.readers[key]:
-                    r_reader = r_at(reader)
-                    if r_reader is not None:
-                        region_inputs.append((provider, reader, r_reader))
-            if always:
-                h[key] = 1.0
-                continue
-            if not saver_rs and not region_inputs:
-                h[key] = 0.0
+        for key, why in facts.retention.items():
+            if why.always or why.never:
+                h[key] = 1.0 if why.always else 0.0
                 continue
             var = solver.NumVar(0, 1, f"h_{key}")
             h[key] = var
-            for r in saver_rs:
-                solver.Add(var >= 1 - r)  # a kept saver holds the storage for backward
-            for provider, reader, r_reader in region_inputs:
-                span = [r_at(i) for i in range(provider, reader + 1)]
-                if len(span) > REGION_SPAN or any(r is None for r in span):
-                    # a kept node in between (or a span too long to model): the reader's
-                    # region starts after the provider, so a recomputed reader needs it
-                    solver.Add(var >= r_reader)
+            for unit in why.savers:
+                solver.Add(var >= 1 - self.r[unit])  # a kept saver holds it for backward
+            for index, (reader, span) in enumerate(why.region_inputs):
+                if span is None:  # the reader's region starts after the provider
+                    solver.Add(var >= self.r[reader])
                     continue
-                same = solver.NumVar(0, 1, f"z_{key}_{provider}_{reader}")
-                for r in span:
-                    solver.Add(same <= r)  # one region only if every node between recomputes
-                solver.Add(var >= r_reader - same)  # a region saves inputs from outside it
+                same = solver.NumVar(0, 1, f"z_{key}_{index}")
+                for unit in span:
+                    solver.Add(same <= self.r[unit])  # one region: every node recomputes
+                solver.Add(var >= self.r[reader] - same)  # a region saves outside inputs
 
         def retained(keys):
             constant = 0.0
@@ -435,7 +459,7 @@ class _Model:
 def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
            options: SolverOptions):
     if options.backend == "CP_SAT":
-        return CpSatModel(facts, costs, budget_bytes, options, REGION_SPAN)
+        return CpSatModel(facts, costs, budget_bytes, options)
     return _Model(facts, costs, budget_bytes, options)
 
 
