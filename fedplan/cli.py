@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(handler=_commands().profile)
 
     compile_ = commands.add_parser(
-        "compile", help="plan keep/recompute per tensor for a memory budget",
+        "compile", help="plan keep/recompute/compress per tensor for a memory budget",
         description="Trace and measure MODEL.py, solve for the cheapest plan whose peak "
                     "fits the budget, write it as JSON and print a summary.")
     _add_model_args(compile_)
@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(1.0 = the keep-all peak)")
     compile_.add_argument("--solver", default="ilp", metavar="NAME",
                           help="ilp (default), greedy, none, all or sqrt")
+    compile_.add_argument("--no-compress", dest="compress", action="store_false",
+                          help="recompute only: no compressed activations (gradients then "
+                               "match the unplanned model bit for bit)")
+    compile_.add_argument("--min-bits", type=int, default=4, choices=(2, 3, 4, 8),
+                          help="lowest code width the ilp may compress to; 3 is channel-wise "
+                               "mixed (default: 4)")
     compile_.add_argument("--backend", default="CP_SAT",
                           choices=("CP_SAT", "HIGHS", "SCIP", "CBC"),
                           help="OR-Tools backend of the ilp solver (default: CP_SAT)")
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--steps", type=int, default=5, metavar="N",
                          help="timed training steps (default: 5)")
     measure.set_defaults(handler=_commands().measure)
+
+    from .fl.cli import add_parsers as add_fl_parsers  # `fedplan fl simulate`
+    add_fl_parsers(commands)
     return parser
 
 

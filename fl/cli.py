@@ -1,0 +1,162 @@
+"""``fedplan fl simulate``: the embedded federation from the command line.
+
+:func:`add_parsers` registers the ``fl`` command group on ``fedplan``'s subcommands;
+:func:`simulate` is the handler (``fedplan.cli.main`` turns a ``FedplanError`` into one
+line and exit status 2, and prints what a ``--json`` handler returns). Heavy imports
+(torch, the server) happen inside the handler so ``fedplan --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_parsers", "simulate"]
+
+
+def add_parsers(subcommands: argparse._SubParsersAction) -> None:
+    """Add ``fl`` (with ``simulate``) to ``fedplan``'s subcommands."""
+    fl = subcommands.add_parser(
+        "fl", help="federated learning: simulate a memory-limited federation",
+        description="Federated learning with a memory plan per client.")
+    fl.set_defaults(handler=_usage(fl), json=False)
+    commands = fl.add_subparsers(dest="fl_command", metavar="COMMAND",
+                                 parser_class=type(fl))
+    sim = commands.add_parser(
+        "simulate", help="run an embedded federation and report accuracy against time",
+        description="Simulate N clients with device memory budgets and non-IID data on "
+                    "this machine: per round a selector picks clients, each gets a plan "
+                    "that fits its budget and trains its local epochs, FedAvg aggregates, "
+                    "and the test set scores the global model against simulated time.")
+    sim.add_argument("--model", default=None, metavar="MODEL.py",
+                     help="model file for (B, 1, H, W) images (default: "
+                          "examples/mnist_cnn.py)")
+    sim.add_argument("--dataset", default="mnist5k",
+                     help="mnist5k (default), fashion-mnist or digits")
+    sim.add_argument("--clients", type=int, default=100, metavar="N",
+                     help="number of clients (default: 100)")
+    sim.add_argument("--rounds", type=int, default=30, metavar="R",
+                     help="rounds (default: 30; with --resume, the total to reach)")
+    sim.add_argument("--per-round", type=int, default=10, metavar="K",
+                     help="clients selected per round (default: 10)")
+    sim.add_argument("--selector", default="fedhybrid",
+                     help="fedhybrid (default), oort, random or exclude")
+    sim.add_argument("--partition", default="dirichlet",
+                     help="dirichlet (default), iid, shards or correlated (clients below "
+                          "the keep-all peak hold classes 0-4, the rest 5-9)")
+    sim.add_argument("--alpha", type=float, default=0.5, metavar="A",
+                     help="Dirichlet concentration (default: 0.5)")
+    sim.add_argument("--tiers", default="default", metavar="FILE|FRACTIONS",
+                     help="device tiers: 'default' (packaged table), a CSV, or fractions of "
+                          "the keep-all peak like 0.3,0.6,1.2")
+    sim.add_argument("--tier-anchor", default="6GB", metavar="TIER",
+                     help="tier mapped onto 1.1x the keep-all peak (default: 6GB)")
+    sim.add_argument("--epochs", type=int, default=2, metavar="E",
+                     help="local epochs (default: 2)")
+    sim.add_argument("--batch-size", type=int, default=None, metavar="B",
+                     help="batch size (default: the model file's DEFAULT_BATCH_SIZE)")
+    sim.add_argument("--lr", type=float, default=0.05, help="client SGD learning rate")
+    sim.add_argument("--deadline", type=float, default=None, metavar="S",
+                     help="simulated seconds a client may take per round; slower ones are "
+                          "dropped as stragglers")
+    sim.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
+    sim.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    sim.add_argument("--out", default=None, metavar="DIR",
+                     help="write state.npz (every round), metrics.csv, result.json and "
+                          "accuracy.png here")
+    sim.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the run whose --out was DIR (same options)")
+    sim.add_argument("--json", action="store_true",
+                     help="print one JSON object on stdout instead of tables")
+    sim.set_defaults(handler=simulate)
+
+
+def _usage(parser: argparse.ArgumentParser):
+    def handler(args: argparse.Namespace) -> None:
+        from fedplan.errors import BadInputError
+        parser.print_usage(sys.stderr)
+        raise BadInputError("expected a subcommand: simulate")
+    return handler
+
+
+def _config(args: argparse.Namespace):
+    from .server import DEFAULT_MODEL, SimConfig
+    return SimConfig(model=args.model or DEFAULT_MODEL, dataset=args.dataset,
+                     num_clients=args.clients, rounds=args.rounds,
+                     clients_per_round=args.per_round, selector=args.selector,
+                     partition=args.partition, alpha=args.alpha, tiers=args.tiers,
+                     tier_anchor=args.tier_anchor, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     deadline_seconds=args.deadline, threads=args.threads)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def simulate(args: argparse.Namespace) -> dict[str, Any] | None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from fedplan.progress import status
+
+    from .report import write_outputs
+    from .server import Server, build_federation
+
+    started = time.perf_counter()
+    config = _config(args)
+    err = Console(stderr=True)
+    with status("setting up the federation", quiet=args.json) as say:
+        federation = build_federation(config, say)
+    server = Server(federation, out_dir=args.out or args.resume)
+    if args.resume:
+        server.load_state(*Server.read_state(args.resume))
+    progress = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("{task.description}"), console=err,
+                        disable=args.json or not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("", total=config.rounds, completed=server.round)
+
+        def on_round(m: dict[str, Any]) -> None:
+            text = (f"acc {m['accuracy']:.3f}  t {m['simulated_seconds']:.1f}s  "
+                    f"{m['participants']}/{m['selected']} trained")
+            progress.update(task, advance=1, description=text)
+            if not args.json and not sys.stderr.isatty():
+                print(f"fedplan: round {m['round']}: {text}", file=sys.stderr, flush=True)
+
+        result = server.run(on_round)
+    result["wall_seconds"] = time.perf_counter() - started
+    if args.out or args.resume:
+        result["files"] = write_outputs(result, args.out or args.resume)
+    if args.json:
+        return _finite({k: v for k, v in result.items() if k != "events"}
+                       | {"events": result["events"]})
+    table = Table(title=f"fedplan fl simulate: {config.selector} on {config.dataset}",
+                  show_edge=False)
+    for column in ("round", "sim s", "accuracy", "trained", "below keep-all", "skipped",
+                   "rejected"):
+        table.add_column(column, justify="right")
+    for m in result["history"]:
+        table.add_row(str(m["round"]), f"{m['simulated_seconds']:.1f}",
+                      f"{m['accuracy']:.3f}", f"{m['participants']}/{m['selected']}",
+                      str(m["below_keep_all"]), str(m["skipped"]),
+                      str(m["rejected"] + m["stragglers"]))
+    out = Console()
+    out.print(table)
+    fed = result["federation"]
+    out.print(f"final accuracy {result['final_accuracy']:.3f} after {result['rounds']} rounds, "
+              f"{result['simulated_seconds']:.1f} simulated s; keep-all peak "
+              f"{fed['keep_all_peak_bytes']} B, {fed['clients_below_keep_all']} of "
+              f"{fed['clients']} clients below it, {fed['clients_without_plan']} without any "
+              f"plan; budget violations {result['budget_violations']}")
+    return None

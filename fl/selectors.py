@@ -1,0 +1,254 @@
+"""Client selection behind one interface: ``random``, ``exclude``, ``oort``, ``fedhybrid``.
+
+A selector sees one :class:`Candidate` per client (what the server knows before the
+round: budget, speed, sample count, whether any plan fits, whether keep-all fits, the
+device's predicted step time under its plan), returns ``k`` client ids, and is told what
+each selected client reported (:meth:`Selector.observe`) or that it failed
+(:meth:`Selector.observe_failure`). Selectors hold no global state: randomness comes from
+the ``numpy.random.Generator`` the server passes in (one per round, derived from the
+seed), and :meth:`Selector.state_dict` / :meth:`Selector.load_state_dict` round-trip
+everything they learned as plain JSON, for checkpoints and resume.
+
+The formulas (``i`` a client, ``B_i`` its samples, ``L(k)`` the training loss of sample
+``k`` in the client's last round, ``M_i`` its memory budget, ``M_G`` the model's keep-all
+peak, ``t_i`` its device step time under its plan = the sum of the per-operator analytic
+times of one step, recomputation included, divided by its speed):
+
+* ``random``: ``k`` clients uniformly, without replacement, among all clients.
+* ``exclude``: uniformly among clients with ``M_i >= M_G``: plain FedAvg on devices that
+  must train keep-all.
+* ``oort`` (Lai et al., OSDI'21): statistical utility
+  ``S_i = |B_i| * sqrt(sum_k L(k)^2 / |B_i|)`` (from the last round it took part in),
+  system utility ``(T / t_round_i) ** alpha`` when the client's predicted round time
+  ``t_round_i`` exceeds the pacer ``T`` (the ``pacer_quantile`` of all clients' predicted
+  round times), else 1; utility ``U_i = S_i * sys_i``. Oort knows nothing about memory:
+  it may pick a client no plan fits, which the server skips; such a client is then marked
+  explored with utility 0.
+* ``fedhybrid`` (Tam et al.; read from a public review, the paper's method section was
+  not available): ``U_i = D_i * Mem_i * C_i`` with data utility ``D_i = S_i`` (Oort's
+  statistical utility, as the issue asks), memory utility ``Mem_i = M_i / M_G`` when
+  ``M_i < M_G`` and 1 otherwise (0 when no plan fits: such a client cannot train),
+  compute utility ``C_i = min_j t_j / t_i`` (the reciprocal of the per-operator time,
+  scaled to (0, 1]).
+
+Both utility selectors explore and exploit like Oort: a share ``eps_r = max(eps_min,
+eps_0 * decay^r)`` of the ``k`` slots goes to clients never explored (for ``fedhybrid``
+the ones with the highest ``Mem_i * C_i``, known before training; for ``oort`` the fastest
+by predicted round time, as Oort does), the rest to explored clients ranked by the UCB
+score ``U_i / max_j U_j + c * sqrt(ln(r + 1) / n_i)`` (``n_i``: rounds client ``i`` took
+part in; ties broken at random). Slots left over (too few explored clients) go to the
+other pool.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SELECTORS",
+    "Candidate",
+    "ExcludeSelector",
+    "FedHybridSelector",
+    "OortSelector",
+    "RandomSelector",
+    "Selector",
+    "make_selector",
+]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the server knows about a client before a round."""
+
+    client_id: int
+    budget_bytes: int
+    speed: float
+    num_samples: int
+    feasible: bool          # some cached plan fits the budget
+    fits_keep_all: bool     # the budget holds the measured keep-all peak
+    step_seconds: float     # device seconds of one local step under its plan (inf if none)
+    round_seconds: float    # device seconds of its whole local work this round
+
+
+class Selector(ABC):
+    """Choose ``k`` clients per round; learn from what they report."""
+
+    name = "selector"
+
+    @abstractmethod
+    def select(self, round_index: int, candidates: Sequence[Candidate], k: int,
+               rng: np.random.Generator) -> list[int]:
+        """Ids of at most ``k`` distinct clients, in ascending order."""
+
+    def observe(self, round_index: int, client_id: int, *, num_samples: int,  # noqa: B027
+                loss_sq_sum: float, loss_count: int) -> None:
+        """A client's successful round (training-loss statistics); default: ignore."""
+
+    def observe_failure(self, round_index: int, client_id: int,  # noqa: B027
+                        reason: str) -> None:
+        """A selected client that did not contribute (infeasible, rejected, straggler)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` returned; default: nothing to restore."""
+
+
+def _pick(ids: Sequence[int], k: int, rng: np.random.Generator) -> list[int]:
+    ids = sorted(ids)
+    if len(ids) <= k:
+        return ids
+    return sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
+
+
+class RandomSelector(Selector):
+    name = "random"
+
+    def select(self, round_index, candidates, k, rng):
+        return _pick([c.client_id for c in candidates], k, rng)
+
+
+class ExcludeSelector(Selector):
+    name = "exclude"
+
+    def select(self, round_index, candidates, k, rng):
+        return _pick([c.client_id for c in candidates if c.fits_keep_all], k, rng)
+
+
+class _UtilitySelector(Selector):
+    """Oort's explore/exploit scaffolding; subclasses define the utility."""
+
+    def __init__(self, *, exploration: float = 0.9, exploration_decay: float = 0.95,
+                 exploration_min: float = 0.2, ucb_c: float = 0.3):
+        self.exploration, self.decay = exploration, exploration_decay
+        self.exploration_min, self.ucb_c = exploration_min, ucb_c
+        self.stat: dict[int, float] = {}    # S_i from the last successful round
+        self.count: dict[int, int] = {}     # n_i: rounds observed (success or failure)
+
+    # what the subclasses define
+    def _prior(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
+        raise NotImplementedError
+
+    def _utility(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
+        raise NotImplementedError
+
+    def _eligible(self, c: Candidate) -> bool:
+        return True
+
+    def select(self, round_index, candidates, k, rng):
+        pool = [c for c in candidates if self._eligible(c)]
+        fresh = [c for c in pool if c.client_id not in self.count]
+        known = [c for c in pool if c.client_id in self.count]
+        eps = max(self.exploration_min, self.exploration * self.decay ** round_index)
+        n_explore = min(len(fresh), max(0, round(eps * k)))
+        n_exploit = min(len(known), k - n_explore)
+        n_explore = min(len(fresh), k - n_exploit)  # give unused slots to the other pool
+        tie = rng.permutation(len(candidates))  # random tie-break, seeded per round
+        order = {c.client_id: int(tie[j]) for j, c in enumerate(candidates)}
+        fresh.sort(key=lambda c: (-self._prior(c, candidates), order[c.client_id]))
+        utilities = {c.client_id: self._utility(c, candidates) for c in known}
+        top = max(utilities.values(), default=0.0) or 1.0
+        log_r = math.log(round_index + 1.0)
+
+        def score(c: Candidate) -> float:
+            bonus = self.ucb_c * math.sqrt(log_r / self.count[c.client_id])
+            return utilities[c.client_id] / top + bonus
+
+        known.sort(key=lambda c: (-score(c), order[c.client_id]))
+        chosen = [c.client_id for c in fresh[:n_explore]] + [c.client_id
+                                                             for c in known[:n_exploit]]
+        return sorted(chosen)
+
+    def observe(self, round_index, client_id, *, num_samples, loss_sq_sum, loss_count):
+        mean_sq = loss_sq_sum / loss_count if loss_count else 0.0
+        self.stat[client_id] = num_samples * math.sqrt(max(mean_sq, 0.0))
+        self.count[client_id] = self.count.get(client_id, 0) + 1
+
+    def observe_failure(self, round_index, client_id, reason):
+        self.stat[client_id] = 0.0
+        self.count[client_id] = self.count.get(client_id, 0) + 1
+
+    def state_dict(self):
+        return {"stat": {str(k): v for k, v in sorted(self.stat.items())},
+                "count": {str(k): v for k, v in sorted(self.count.items())}}
+
+    def load_state_dict(self, state):
+        self.stat = {int(k): float(v) for k, v in state.get("stat", {}).items()}
+        self.count = {int(k): int(v) for k, v in state.get("count", {}).items()}
+
+
+class OortSelector(_UtilitySelector):
+    name = "oort"
+
+    def __init__(self, *, pacer_quantile: float = 0.5, alpha: float = 2.0, **kw):
+        super().__init__(**kw)
+        self.pacer_quantile, self.alpha = pacer_quantile, alpha
+
+    def _pacer(self, candidates) -> float:
+        times = [c.round_seconds for c in candidates if math.isfinite(c.round_seconds)]
+        return float(np.quantile(times, self.pacer_quantile)) if times else math.inf
+
+    def _system(self, c, candidates) -> float:
+        pacer = self._pacer(candidates)
+        if not math.isfinite(c.round_seconds):  # Oort cannot know; it assumes the pacer
+            return 1.0
+        return (pacer / c.round_seconds) ** self.alpha if c.round_seconds > pacer else 1.0
+
+    def _prior(self, c, candidates):
+        return -c.round_seconds if math.isfinite(c.round_seconds) else -self._pacer(
+            candidates)
+
+    def _utility(self, c, candidates):
+        return self.stat.get(c.client_id, 0.0) * self._system(c, candidates)
+
+
+class FedHybridSelector(_UtilitySelector):
+    name = "fedhybrid"
+
+    def __init__(self, *, keep_all_bytes: int, **kw):
+        super().__init__(**kw)
+        self.keep_all_bytes = int(keep_all_bytes)
+
+    def memory_utility(self, c: Candidate) -> float:
+        if not c.feasible:
+            return 0.0
+        return min(1.0, c.budget_bytes / self.keep_all_bytes)
+
+    def compute_utility(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
+        fastest = min((x.step_seconds for x in candidates if math.isfinite(x.step_seconds)),
+                      default=math.inf)
+        return fastest / c.step_seconds if math.isfinite(c.step_seconds) else 0.0
+
+    def _eligible(self, c):
+        return c.feasible
+
+    def _prior(self, c, candidates):
+        return self.memory_utility(c) * self.compute_utility(c, candidates)
+
+    def _utility(self, c, candidates):
+        return (self.stat.get(c.client_id, 0.0) * self.memory_utility(c)
+                * self.compute_utility(c, candidates))
+
+
+SELECTORS = ("exclude", "fedhybrid", "oort", "random")
+
+
+def make_selector(name: str, *, keep_all_bytes: int, **options: Any) -> Selector:
+    """A selector by name; ``keep_all_bytes`` is ``M_G`` (used by ``fedhybrid``)."""
+    key = str(name).strip().lower()
+    if key == "random":
+        return RandomSelector()
+    if key == "exclude":
+        return ExcludeSelector()
+    if key == "oort":
+        return OortSelector(**options)
+    if key == "fedhybrid":
+        return FedHybridSelector(keep_all_bytes=keep_all_bytes, **options)
+    raise ValueError(f"unknown selector {name!r}; valid names: {', '.join(SELECTORS)}")
