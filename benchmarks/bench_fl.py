@@ -1,6 +1,6 @@
 """The memory-wall experiment: four selectors, memory independent of or correlated with data.
 
-    python benchmarks/bench_fl.py [--rounds 50] [--jobs 2] [--out /tmp/fl_bench]
+    python benchmarks/bench_fl.py [--rounds 20] [--jobs 2] [--out /tmp/fl_bench]
 
 100 clients, 10 per round, mnist5k, Dirichlet alpha 0.5, budgets from the packaged device
 tiers scaled so the 6GB tier gets 1.1x the keep-all peak (54 of 100 clients below
@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "fl" / "models" / "mnist_mbconv.py")
-SELECTORS = ("exclude", "random", "oort", "fedhybrid")
-SETTINGS = {"independent": "dirichlet", "correlated": "correlated"}
+SELECTORS = ("fedhybrid", "exclude", "random", "oort")
+SETTINGS = {"correlated": "correlated", "independent": "dirichlet"}  # (b) first
 
 
 def run_one(setting: str, selector: str, rounds: int, out: str, seed: int) -> dict:
@@ -51,7 +51,7 @@ def time_to(history: list[dict], accuracy: float) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/fl_bench")

@@ -168,7 +168,7 @@ def to_bytes(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes
     the arrays' raw little-endian bytes in directory order."""
     directory, chunks, offset = [], [], 0
     for name, array in arrays.items():
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if a.dtype.hasobject:
             raise MessageError(f"array {name!r} has dtype object; only numeric arrays travel")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
@@ -201,7 +201,7 @@ def from_bytes(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if dtype.hasobject:
             raise MessageError(f"array {entry['name']!r} has dtype object")
         arrays[entry["name"]] = np.frombuffer(body[start:start + nbytes], dtype=dtype
-                                              ).reshape(entry["shape"]).copy()
+                                              ).reshape(tuple(entry["shape"])).copy()
     return meta, arrays
 
 

@@ -1,0 +1,261 @@
+"""The embedded federation end to end on real data (sklearn's digits) and the real planner.
+
+One small federation (8 clients, an inverted-bottleneck CNN for 8x8 digits, budgets at
+0.75, 0.9 and 1.2 of the keep-all peak; its smallest planned peak is 0.62 of keep-all and
+plans aim 1 % plus 64 KiB below a budget) is built once per module; tests run a few
+rounds on it with different selectors, faults and a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedplan.errors import BadInputError
+from fedplan.fl import data
+from fedplan.fl.messages import ClientReply
+from fedplan.fl.plan_cache import CachedPlan, Infeasible
+from fedplan.fl.server import Server, SimConfig, build_federation
+
+TINY_MODEL = '''
+import torch, torch.nn as nn
+DEFAULT_BATCH_SIZE = 8
+
+class Block(nn.Module):
+    def __init__(self, c, e):
+        super().__init__()
+        self.expand = nn.Conv2d(c, c * e, 1)
+        self.depthwise = nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e)
+        self.project = nn.Conv2d(c * e, c, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return x + self.project(self.act(self.depthwise(self.act(self.expand(x)))))
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Block(8, 4), Block(8, 4), Block(8, 4))
+        self.head = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.avg_pool2d(x, 2), 1))
+
+def build_model():
+    torch.manual_seed(0)
+    return Tiny()
+
+def example_batch(n):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+'''
+
+FRACTIONS = "0.75,0.9,1.2"
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    if "digits" not in data.available_datasets():
+        pytest.skip("scikit-learn (digits) is not installed: pip install scikit-learn")
+    path = tmp_path_factory.mktemp("fl") / "tiny.py"
+    path.write_text(TINY_MODEL)
+    config = SimConfig(model=str(path), dataset="digits", num_clients=8, rounds=3,
+                       clients_per_round=3, selector="fedhybrid", partition="dirichlet",
+                       alpha=0.5, tiers=FRACTIONS, epochs=1, lr=0.05, seed=0)
+    return build_federation(config)
+
+
+def with_config(fed, **changes):
+    return dataclasses.replace(fed, config=dataclasses.replace(fed.config, **changes))
+
+
+def test_federation_setup(federation):
+    fed = federation
+    keep_all = fed.cache.keep_all_bytes
+    assert keep_all >= fed.cache.keep_all_predicted_bytes  # the profiler sees a few more B
+    budgets = sorted(d.budget_bytes for d in fed.devices)
+    assert set(budgets) == {round(f * keep_all) for f in (0.75, 0.9, 1.2)}
+    assert len(budgets) == 8  # shuffled round robin: 3, 3 and 2 clients
+    summary = fed.summary()
+    assert summary["clients_below_keep_all"] == sum(b < keep_all for b in budgets) >= 5
+    assert summary["clients_without_plan"] == 0  # 0.75 of keep-all is reachable
+    assert min(len(p) for p in fed.partitions) >= 10
+    # few solves for many clients: one per bucket used, lookups beyond are cache hits
+    stats = fed.cache.stats()
+    assert stats["solves"] == stats["buckets"] <= 3 and stats["hits"] >= 5
+
+
+def test_plan_cache_buckets_and_measured_peaks(federation):
+    cache = federation.cache
+    keep_all = cache.keep_all_bytes
+    assert cache.bucket_of(keep_all) == 0 and cache.bucket_of(keep_all - 1) == 1
+    assert cache.edge_of(cache.bucket_of(int(0.8 * keep_all))) <= int(0.8 * keep_all)
+    solves = cache.solves
+    for fraction in (0.76, 0.81):
+        budget = int(fraction * keep_all)
+        entry = cache.lookup(budget)
+        assert isinstance(entry, CachedPlan)
+        assert entry.measured_peak_bytes <= entry.edge_bytes <= budget
+        assert entry.recomputed > 0 and entry.step_seconds > cache.base_step_seconds
+    assert cache.lookup(int(0.81 * keep_all)) is cache.lookup(int(0.82 * keep_all))
+    assert cache.solves - solves <= 2
+    tiny = cache.lookup(int(0.1 * keep_all))
+    assert isinstance(tiny, Infeasible) and tiny.smallest_bytes > 0.1 * keep_all
+    with pytest.raises(ValueError, match="bucket_fraction"):
+        type(cache)(None, None, None, bucket_fraction=1.5)
+
+
+def run(fed, rounds=3, out_dir=None, client_fn=None) -> Server:
+    server = Server(with_config(fed, rounds=rounds), out_dir=out_dir, client_fn=client_fn)
+    server.run()
+    return server
+
+
+def test_rounds_fit_budgets_and_repeat_exactly(federation):
+    a = run(federation)
+    result = a.result()
+    assert result["rounds"] == 3 and len(result["history"]) == 3
+    assert result["budget_violations"] == 0 and result["rejected"] == 0
+    assert result["participations"] == 9  # 3 per round, every one fits a plan
+    assert result["participations_below_keep_all"] >= 1  # planned clients trained
+    for m in result["history"]:
+        assert m["max_peak_over_budget"] <= 1.0
+    assert result["final_accuracy"] > 0.15  # learning, on the held-out test set
+    assert result["simulated_seconds"] == pytest.approx(
+        sum(m["round_seconds"] for m in result["history"]))
+    b = run(federation)
+    assert b.result()["final_accuracy"] == result["final_accuracy"]
+    assert b.result()["simulated_seconds"] == result["simulated_seconds"]
+    for name in a.weights:
+        assert np.array_equal(a.weights[name], b.weights[name])
+
+
+def test_exclude_trains_only_keep_all_clients(federation):
+    server = run(with_config(federation, selector="exclude"), rounds=2)
+    fits = {c.client_id for c in federation.candidates if c.fits_keep_all}
+    for m in server.history:
+        assert set(m["clients"]) <= fits and m["below_keep_all"] == 0
+
+
+def test_faults_are_rejected_and_the_round_goes_on(federation):
+    victims = {}
+
+    def faulty(instruction):
+        reply = server.local_client(instruction)
+        kind = instruction.client_id % 4
+        victims.setdefault(instruction.client_id, kind)
+        if kind == 0:
+            raise RuntimeError("device rebooted")
+        weights = dict(reply.weights)
+        name = next(iter(weights))
+        if kind == 1:
+            weights[name] = np.full_like(weights[name], np.nan)
+        elif kind == 2:
+            weights[name] = weights[name].reshape(-1)[:-1]
+        return dataclasses.replace(reply, weights=weights)
+
+    server = Server(with_config(federation, selector="random", rounds=3),
+                    client_fn=faulty)
+    server.run()
+    reasons = {e["client_id"]: e["reason"] for e in server.events}
+    expected = {0: "RuntimeError: device rebooted", 1: "NaN/Inf", 2: "expected shape"}
+    bad = [c for c, kind in victims.items() if kind in expected]
+    assert bad, "the seeded draw should pick a faulty client"
+    for cid in bad:
+        assert expected[victims[cid]] in reasons[cid]
+    good = [c for c, kind in victims.items() if kind == 3]
+    total = server.result()
+    assert total["rejected"] == len([e for e in server.events if e["kind"] == "rejected"])
+    assert total["participations"] == sum(
+        sum(1 for c in m["clients"] if c % 4 == 3) for m in server.history)
+    assert all(c % 4 == 3 for m in server.history for c in m["clients"])
+    assert good or total["participations"] == 0
+    for arr in server.weights.values():
+        assert np.all(np.isfinite(arr))
+
+
+def test_deadline_drops_stragglers(federation):
+    times = sorted(c.round_seconds for c in federation.candidates)
+    deadline = times[len(times) // 2]
+    server = run(with_config(federation, selector="random", deadline_seconds=deadline))
+    slow = {c.client_id for c in federation.candidates if c.round_seconds > deadline}
+    stragglers = [e for e in server.events if e["kind"] == "straggler"]
+    assert stragglers and {e["client_id"] for e in stragglers} <= slow
+    for m in server.history:
+        assert m["round_seconds"] <= deadline
+        assert not set(m["clients"]) & slow
+
+
+def test_resume_reaches_the_same_weights(federation, tmp_path):
+    fed = with_config(federation, selector="fedhybrid")
+    whole = run(fed, rounds=4)
+    first = run(fed, rounds=2, out_dir=tmp_path)
+    assert (tmp_path / "state.npz").is_file() and not list(tmp_path.glob(".state.*"))
+    resumed = Server(with_config(fed, rounds=4), out_dir=tmp_path)
+    resumed.load_state(*Server.read_state(tmp_path))
+    assert resumed.round == 2 and resumed.selector.state_dict() == first.selector.state_dict()
+    resumed.run()
+    assert resumed.history == whole.history
+    for name in whole.weights:
+        assert np.array_equal(resumed.weights[name], whole.weights[name])
+    other = Server(with_config(fed, rounds=4, lr=0.1), out_dir=tmp_path)
+    with pytest.raises(BadInputError, match="lr differ"):
+        other.load_state(*Server.read_state(tmp_path))
+    with pytest.raises(BadInputError, match="no server state"):
+        Server.read_state(tmp_path / "nowhere")
+
+
+def test_client_reply_reports_peak_within_budget(federation):
+    server = Server(federation)
+    cid = next(c.client_id for c in federation.candidates if not c.fits_keep_all)
+    entry = federation.cache.lookup(federation.devices[cid].budget_bytes)
+    from fedplan.fl.messages import TrainInstruction
+    reply = server.local_client(TrainInstruction(
+        round=0, client_id=cid, plan=entry.plan_json, weights=server.weights, epochs=1,
+        batch_size=federation.batch_size, lr=0.05, seed=1,
+        budget_bytes=federation.devices[cid].budget_bytes))
+    assert isinstance(reply, ClientReply)
+    assert reply.measured_peak_bytes == entry.measured_peak_bytes  # same shapes, same bytes
+    assert reply.measured_peak_bytes <= reply.budget_bytes
+    n = len(federation.partitions[cid])
+    assert reply.steps == max(1, n // federation.batch_size)
+    assert reply.loss_count == reply.steps * federation.batch_size
+    assert math.isfinite(reply.mean_loss) and reply.mean_loss > 0
+
+
+def test_config_errors():
+    with pytest.raises(BadInputError, match="valid names: exclude, fedhybrid, oort, random"):
+        SimConfig(selector="best")
+    with pytest.raises(BadInputError, match="clients_per_round 20 exceeds num_clients 10"):
+        SimConfig(num_clients=10, clients_per_round=20)
+    assert SimConfig.from_json(SimConfig(seed=3).to_json()) == SimConfig(seed=3)
+
+
+def test_cli_simulate_json_and_errors(federation, tmp_path):
+    model = federation.config.model
+    cmd = [sys.executable, "-m", "fedplan", "fl", "simulate", "--model", model, "--dataset",
+           "digits", "--clients", "6", "--rounds", "2", "--per-round", "2", "--tiers",
+           FRACTIONS, "--epochs", "1", "--selector", "fedhybrid", "--out", str(tmp_path),
+           "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("final_accuracy", "rounds", "simulated_seconds", "budget_violations"):
+        assert key in result
+    assert result["rounds"] == 2 and result["budget_violations"] == 0
+    for name in ("state.npz", "metrics.csv", "result.json", "accuracy.png"):
+        assert (tmp_path / name).is_file()
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+    bad = subprocess.run([sys.executable, "-m", "fedplan", "fl", "simulate", "--selector",
+                          "best", "--model", model, "--dataset", "digits"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("fedplan: error: unknown selector")
