@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fl.cli import add_parsers as add_fl_parsers  # `fedplan fl simulate`
     add_fl_parsers(commands)
+    from fedplan.bench.cli import register as register_bench  # bench, bench-solver
+    register_bench(commands, _Parser)
     return parser
 
 
