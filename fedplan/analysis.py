@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
+from fedplan.planner.compression import measure_compression
 from fedplan.planner.cost import CostModel, measure_costs
 from fedplan.planner.ir import PlanGraph
 from fedplan.planner.trace import build_plan_graph, symbolic_trace
@@ -61,13 +62,15 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
 
 def analyze(model: nn.Module, example_inputs: Any, targets: Any = None, *,
             loss_fn: Callable | None = None, optimizer: str = "sgd",
-            leaf_modules: Sequence[Any] = (), repeats: int = 5,
+            leaf_modules: Sequence[Any] = (), repeats: int = 5, compress: bool = True,
             progress: Callable[[str], None] | None = None) -> Analysis:
     """Trace ``model`` and measure its costs for one training step on this machine.
 
     Profiling runs on a deep copy, so the model's parameters and BatchNorm statistics
     are untouched. ``targets`` defaults to class 0 for every sample (enough for a
-    cross-entropy loss to have the right memory footprint).
+    cross-entropy loss to have the right memory footprint). With ``compress`` the
+    compression options of every eligible activation are measured too
+    (``planner.compression``).
     """
     inputs = as_tuple(example_inputs)
     graph_module, graph = trace(model, inputs, leaf_modules=leaf_modules)
@@ -83,4 +86,10 @@ def analyze(model: nn.Module, example_inputs: Any, targets: Any = None, *,
         raise BadInputError(
             f"measuring {type(model).__name__} failed: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if compress:
+        shadow = copy.deepcopy(graph_module)
+        shadow.train(model.training)
+        costs = replace(costs, compress=measure_compression(
+            shadow, graph, costs, inputs, repeats=max(1, min(repeats, 3)),
+            progress=progress))
     return Analysis(graph=graph, costs=costs, graph_module=graph_module, notes=graph.notes)

@@ -52,6 +52,7 @@ def _budget(value) -> Budget:
 def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
          loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
          leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
+         compress: bool = True, min_bits: int | None = None,
          analysis: Analysis | None = None, repeats: int = 5, verify: bool = True,
          progress: Callable[[str], None] | None = None) -> tuple[Plan, Analysis]:
     """Trace, measure and solve: the Plan for ``model`` under ``budget``, and the analysis.
@@ -60,24 +61,33 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
     (``Budget(fraction=0.5)``: half the keep-all activation memory on top of the fixed
     costs). Raises BudgetInfeasibleError when no plan fits.
 
-    With ``verify`` (the default) a plan that recomputes anything is checked by one real
-    training step on a copy of the model; if that step's measured peak is over the
-    budget, the plan is solved again with the measured excess as extra margin.
+    ``compress`` (the default) lets the ``ilp`` solver keep activations compressed
+    (8/4/2-bit, uniform or channel-wise mixed) as well as recompute them; ``min_bits``
+    (default 4) is the lowest code width it may choose. Compressed plans trade a small,
+    measured gradient error for memory; ``compress=False`` gives plans whose gradients
+    are bit-identical to the unplanned model's.
+
+    With ``verify`` (the default) a plan that recomputes or compresses anything is
+    checked by one real training step on a copy of the model; if that step's measured
+    peak is over the budget, the plan is solved again with the measured excess as extra
+    margin.
     """
     check_optimizer(optimizer)
     budget = _budget(budget)
     say = progress or (lambda _m: None)
+    options = replace(options or SolverOptions(), compress=compress)
+    if min_bits is not None:
+        options = replace(options, min_bits=min_bits)
     if analysis is None:
         analysis = analyze(model, example_inputs, targets, loss_fn=loss_fn,
                            optimizer=optimizer, leaf_modules=leaf_modules, repeats=repeats,
-                           progress=say)
+                           compress=compress and solver == "ilp", progress=say)
     keep_all = simulate(analysis.graph, analysis.costs).peak_bytes
     budget_bytes = budget.resolve(analysis.costs, keep_all)
     say(f"solving with {solver!r} for a budget of {budget_bytes} B")
-    options = options or SolverOptions()
     result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
                    options=options, model_name=type(model).__name__)
-    if not verify or not result.recomputed:
+    if not verify or not (result.recomputed or result.compressed):
         return result, analysis
     # The budget is a measured quantity, so the plan is measured too: one real step of
     # the planned model (on a copy). Should checkpointing allocate more than the
@@ -106,7 +116,7 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
         result = replace(result, notes=result.notes + (
             f"re-solved: the previous plan measured {step.peak_bytes} B, {excess} B above "
             f"its prediction",))
-        if not result.recomputed:
+        if not (result.recomputed or result.compressed):
             return result, analysis
     raise BudgetInfeasibleError(
         f"the {solver!r} plan measured {step.peak_bytes} B in a real step, above the budget "
@@ -117,6 +127,7 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
 def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
             loss_fn: Callable | None = None, optimizer: str = "sgd", solver: str = "ilp",
             leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
+            compress: bool = True, min_bits: int | None = None,
             repeats: int = 5, verify: bool = True,
             progress: Callable[[str], None] | None = None) -> PlannedModule:
     """Plan ``model`` for ``budget`` and return a module that runs the plan.
@@ -127,8 +138,8 @@ def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budge
     """
     result, analysis = plan(model, example_inputs, targets, budget=budget, loss_fn=loss_fn,
                             optimizer=optimizer, solver=solver, leaf_modules=leaf_modules,
-                            options=options, repeats=repeats, verify=verify,
-                            progress=progress)
+                            options=options, compress=compress, min_bits=min_bits,
+                            repeats=repeats, verify=verify, progress=progress)
     return PlannedModule(model, analysis.graph_module, result)
 
 

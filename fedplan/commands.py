@@ -136,6 +136,7 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
         plan, analysis = make_plan(model, inputs, targets, budget=budget,
                                    loss_fn=spec.loss_fn, optimizer=args.optimizer,
                                    solver=args.solver, options=options,
+                                   compress=args.compress, min_bits=args.min_bits,
                                    leaf_modules=args.leaf + list(spec.leaf_modules),
                                    repeats=args.repeats, progress=say)
     plan = replace(plan, model_name=spec.name)
@@ -147,6 +148,8 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
         "predicted_peak_bytes": plan.predicted_peak_bytes,
         "keep_all_peak_bytes": plan.keep_all_peak_bytes, "breakdown": dict(plan.breakdown),
         "kept": counts.get("keep", 0), "recomputed": counts.get("recompute", 0),
+        "compressed": {d.split(":", 1)[1]: n for d, n in counts.items()
+                       if d.startswith("compress:")},
         "predicted_overhead_seconds": plan.predicted_overhead_seconds,
         "solver": plan.solver, "status": plan.status, "objective": plan.objective,
         "bound": plan.bound, "gap": plan.gap, "solve_seconds": plan.solve_seconds,
@@ -159,9 +162,11 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
     console.print(f"budget          {format_bytes(plan.budget_bytes)}  ({plan.budget_bytes} B)")
     console.print(f"predicted peak  {format_bytes(plan.predicted_peak_bytes)}  (keep-all "
                   f"{format_bytes(plan.keep_all_peak_bytes)})")
-    console.print(f"tensors         {result['kept']} kept, {result['recomputed']} recomputed")
+    packed = ", ".join(f"{n} at {o}" for o, n in sorted(result["compressed"].items()))
+    console.print(f"tensors         {result['kept']} kept, {result['recomputed']} recomputed"
+                  + (f", compressed: {packed}" if packed else ""))
     console.print(f"overhead        {plan.predicted_overhead_seconds * 1e3:.2f} ms of "
-                  f"recompute per step (predicted)")
+                  f"recompute and compression per step (predicted)")
     gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
     console.print(f"solver          {plan.solver}: {plan.status}, gap {gap}, "
                   f"{plan.solve_seconds:.2f} s")

@@ -95,6 +95,7 @@ class CostModel:
     mode: str = "measured"
     device_speed: float = 1.0
     region_bytes: int = 0                # held per checkpoint region: its saved RNG state
+    compress: tuple = ()                 # CompressCost per compressible node (compression.py)
 
     @cached_property
     def node(self) -> dict[str, NodeCost]:
@@ -129,10 +130,13 @@ class CostModel:
             "params": [list(p) for p in self.params],
             "storages": [s.__dict__ for s in self.storages],
             "nodes": [n.to_json() for n in self.nodes],
+            "compress": [item.to_json() for item in self.compress],
         }
 
     @classmethod
     def from_json(cls, data: dict) -> CostModel:
+        from .compression import CompressCost
+
         nodes = tuple(NodeCost(**{k: tuple(v) if isinstance(v, list) else v
                                   for k, v in item.items()}) for item in data["nodes"])
         return cls(nodes=nodes, storages=tuple(Storage(**s) for s in data["storages"]),
@@ -143,7 +147,9 @@ class CostModel:
                    optimizer_step_temp_bytes=data["optimizer_step_temp_bytes"],
                    batch_size=data["batch_size"], mode=data.get("mode", "measured"),
                    device_speed=data.get("device_speed", 1.0),
-                   region_bytes=data.get("region_bytes", 0))
+                   region_bytes=data.get("region_bytes", 0),
+                   compress=tuple(CompressCost.from_json(item)
+                                  for item in data.get("compress", ())))
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:

@@ -47,6 +47,9 @@ class Plan:
     breakdown: Mapping[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = ()
+    # compressed node -> the node after which its storage is packed (the last node of its
+    # decision unit, so that in-place ops tied to it have run); absent: the node itself
+    pack_after: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def decision_map(self) -> dict[str, str]:
@@ -62,6 +65,10 @@ class Plan:
     @property
     def kept(self) -> list[str]:
         return [name for name, d in self.decisions if d == KEEP]
+
+    @property
+    def compressed(self) -> list[str]:
+        return [name for name, d in self.decisions if d.startswith("compress:")]
 
     @property
     def gap(self) -> float | None:
@@ -84,6 +91,7 @@ class Plan:
         data["decisions"] = dict(self.decisions)
         data["breakdown"] = dict(self.breakdown)
         data["notes"] = list(self.notes)
+        data["pack_after"] = dict(self.pack_after)
         data.pop("decision_map", None)
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -114,7 +122,9 @@ class Plan:
                 bound=None if data.get("bound") is None else float(data["bound"]),
                 solve_seconds=float(data["solve_seconds"]),
                 breakdown={str(k): int(v) for k, v in dict(data.get("breakdown", {})).items()},
-                notes=tuple(str(n) for n in data.get("notes", ())))
+                notes=tuple(str(n) for n in data.get("notes", ())),
+                pack_after=tuple((str(k), str(v))
+                                 for k, v in dict(data.get("pack_after", {})).items()))
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BadInputError(f"{source}: not a valid fedplan plan ({missing}); re-run "

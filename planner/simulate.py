@@ -15,8 +15,12 @@ Semantics (the runtime's, stated once):
   after the forward and made again when backward reaches the region;
 * a region saves its inputs (values defined outside it) until its backward is done;
 * a ``keep`` node's saved storages live until its own backward has run;
-* a ``compress:...`` node keeps its saved storages packed, at the packed size given by
-  ``packed_bytes`` (bytes per storage key), unpacked transiently in its backward.
+* a ``compress:OPTION`` node's output storage is packed when the node runs (if anyone
+  holds it for backward), at the packed size the cost model measured for that option; the
+  full tensor is then freed at its last forward read. Backward unpacks it transiently for
+  each kept node that saved it; a region whose input is packed holds the unpacked copy
+  from its recomputation until its backward is done. The packed copy is freed when its
+  last holder's backward is done.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .compression import packed_sizes
 from .cost import LOSS, CostModel
 from .ir import PlanGraph
 
@@ -115,9 +120,14 @@ class _Memory:
 
 def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | None = None,
              *, packed_bytes: Mapping[str, int] | None = None) -> Timeline:
-    """Replay one training step under ``decisions`` (node -> keep | recompute | compress:*)."""
+    """Replay one training step under ``decisions`` (node -> keep | recompute | compress:*).
+
+    ``packed_bytes`` overrides the packed sizes (storage key -> bytes) that the cost model
+    gives the compressed nodes.
+    """
     decisions = dict(decisions or {})
-    packed_bytes = dict(packed_bytes or {})
+    packed = packed_sizes(costs, decisions)
+    packed.update(packed_bytes or {})
     node_cost = costs.node
     storage = costs.storage
     order = [n.name for n in graph.nodes if n.op in COMPUTE_OPS] + [LOSS]
@@ -167,9 +177,6 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         memory.alloc(f"<{category}>", nbytes, category)
     events: list[Event] = []
 
-    def packed_size(key: str) -> int:
-        return packed_bytes.get(key, storage[key].nbytes)
-
     # ---- forward -------------------------------------------------------------------
     for position, name in enumerate(order):
         cost = node_cost[name]
@@ -182,9 +189,13 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
         for key in new:
             if key not in memory.live:
                 added += storage[key].nbytes
+        packing = [key for key in new if key in packed and holders.get(key)]
+        added += sum(packed[key] for key in packing)
         inside = memory.observe("forward", name, added + cost.temp_bytes)
         for key in new:
             memory.alloc(key, storage[key].nbytes, "temporaries")
+        for key in packing:  # packed once, when the node (or its first saver) runs
+            memory.alloc(f"packed:{key}", packed[key], "saved_activations")
         # free what nobody needs any more: not read later, not held for backward
         for key in new + sorted(reads.get(name, ())):
             if key not in memory.live or storage[key].kind == "input":
@@ -193,12 +204,8 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                 continue
             held = holders.get(key)
             if held:
-                if all(decisions.get(h, "keep").startswith("compress")
-                       for h in held if not h.startswith("region:")) and not any(
-                           h.startswith("region:") for h in held):
-                    size = packed_size(key)
+                if f"packed:{key}" in memory.live:  # the holders hold the packed copy
                     memory.free(key)
-                    memory.alloc(key, size, "saved_activations")
                 else:
                     memory.recategorise(key, "saved_activations")
                 continue
@@ -224,13 +231,17 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             index = region_of[name]
             started_regions.add(index)
             transient = 0
+            for key in region_keys[index]:  # a packed input is unpacked for the replay
+                if f"packed:{key}" in memory.live and key not in memory.live:
+                    memory.alloc(f"unpacked:{index}:{key}", storage[key].nbytes,
+                                 "saved_activations")
             for member in regions[index]:
                 member_cost = node_cost[member]
                 transient = max(transient, member_cost.temp_bytes)
                 for key in member_cost.saved:
                     # a recomputed saved tensor lives until its own node's backward
                     holders.setdefault(key, set()).add(member)
-                    if key not in memory.live:
+                    if key not in memory.live and f"unpacked:{index}:{key}" not in memory.live:
                         memory.alloc(key, storage[key].nbytes, "saved_activations")
             events.append(Event("recompute", name, memory.level,
                                 memory.observe("recompute", name, transient)))
@@ -275,7 +286,11 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                 accumulate = max(accumulate, param_sizes.get(param, 0))
             else:
                 memory.alloc(key, param_sizes.get(param, 0), "gradients")
-        inside = memory.observe("backward", name, accumulate + cost.backward_temp_bytes)
+        unpacked = sum(storage[key].nbytes for key in cost.saved
+                       if f"packed:{key}" in memory.live and key not in memory.live
+                       and name not in region_of)
+        inside = memory.observe("backward", name,
+                                accumulate + cost.backward_temp_bytes + unpacked)
         # this node's own output gradient and what only it held are released
         if name in grads:
             buffer = grads[name]
@@ -294,10 +309,13 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             for key in region_keys[index]:
                 holders[key].discard(f"region:{index}")
                 released.append(key)
+                memory.free(f"unpacked:{index}:{key}")
             memory.free(f"rng:{index}")
         for key in released:  # freed once nobody holds it any more
-            if key in memory.live and not holders.get(key) and storage[key].kind != "input":
-                memory.free(key)
+            if holders.get(key) or storage[key].kind == "input":
+                continue
+            memory.free(key)
+            memory.free(f"packed:{key}")
         events.append(Event("backward", name, memory.level, inside))
 
     # ---- optimizer step ----------------------------------------------------------------

@@ -16,11 +16,16 @@ Pitfalls handled here:
   draws the same numbers (``preserve_rng_state=True``, the default).
 * **In-place ops** never cross a region boundary: the plan space ties them to their
   input's producer (``planner.candidates``).
+
+Compressed nodes (``compress:OPTION``) run as kept nodes; a mark after each (see
+``runtime.compress``) packs its storage, and the whole forward runs under the
+compression hooks, outside the checkpoint regions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -31,6 +36,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from fedplan.planner.plan import RECOMPUTE, Plan
+
+from .compress import CompressionSession, active, insert_marks
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
@@ -85,6 +92,10 @@ def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, st
     for node in graph_module.graph.nodes:
         if node.op not in COMPUTE_OPS:
             continue
+        if node.name not in decisions and last is not None and node.op == "call_function" \
+                and getattr(node.target, "__name__", "") == "_mark":
+            partition[node.name] = current  # a compression mark: with the node before it
+            continue
         kind = RECOMPUTE if decisions.get(node.name) == RECOMPUTE else "keep"
         if last is not None and kind != last:
             current += 1
@@ -117,6 +128,12 @@ class PlannedModule(nn.Module):
             self.register_buffer(name, buffer,
                                  persistent=name not in model._non_persistent_buffers_set)
         self.plan = plan
+        self.compressed = len(plan.compressed)
+        if self.compressed:
+            # marks go into a copy of the graph (the caller's graph module is shared)
+            graph_module = torch.fx.GraphModule(graph_module,
+                                                copy.deepcopy(graph_module.graph))
+            insert_marks(graph_module, plan.decision_map, dict(plan.pack_after))
         program, regions = build_program(graph_module, plan.decision_map)
         # kept outside the module tree: its modules are ours already, registered above
         object.__setattr__(self, "_program", program)
@@ -125,9 +142,16 @@ class PlannedModule(nn.Module):
         self.train(model.training)
 
     def forward(self, *args, **kwargs):
-        return self._program(*args, **kwargs)
+        if not self.compressed or not torch.is_grad_enabled():
+            return self._program(*args, **kwargs)
+        params = {p.untyped_storage().data_ptr() for p in self.parameters()}
+        params.update(b.untyped_storage().data_ptr() for b in self.buffers())
+        session = CompressionSession(params)
+        with active(session):
+            return self._program(*args, **kwargs)
 
     def extra_repr(self) -> str:
         counts = self.plan.counts()
         return (f"plan={self.plan.solver}, budget={self.plan.budget_bytes} B, "
-                f"recompute={counts.get(RECOMPUTE, 0)}, regions={self.regions}")
+                f"recompute={counts.get(RECOMPUTE, 0)}, regions={self.regions}, "
+                f"compressed={self.compressed}")

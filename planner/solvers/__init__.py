@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..candidates import plan_space
+from ..compression import compress_seconds, option_of
 from ..cost import CostModel
 from ..errors import BadInputError, BudgetInfeasibleError, SolverError
 from ..ir import PlanGraph
@@ -41,8 +42,21 @@ class SolverOptions:
     BatchNorm statistics kept across a replay) that the simulator does not model. A plan
     that recomputes nothing needs no margin."""
     safety_bytes: int = 64 * 1024
+    compress: bool = False
+    """Let ``ilp`` compress activations (``planner.compression``) as well as recompute
+    them. The cost model must carry compression costs (``analyze(compress=True)``)."""
+    min_bits: int = 4
+    """The lowest (mean) code width ``ilp`` may choose: 8, 4, 3 (channel-wise mixed) or 2."""
+    error_weight: float = 1.0
+    """Weight of the compression error in the ILP's objective: a compressed tensor adds
+    ``error_weight * forward seconds of the model * its relative error`` to the added
+    seconds (see ``planner.compression``)."""
 
     def __post_init__(self):
+        if self.min_bits not in (2, 3, 4, 8):
+            raise BadInputError(f"expected min_bits of 2, 3, 4 or 8; found {self.min_bits}")
+        if self.error_weight < 0:
+            raise BadInputError(f"expected error_weight >= 0; found {self.error_weight}")
         if self.time_limit_seconds <= 0:
             raise BadInputError(f"expected a positive time limit; found "
                                 f"{self.time_limit_seconds}")
@@ -89,20 +103,24 @@ def _load_builtin() -> None:
 
 
 def overhead_seconds(costs: CostModel, decisions: dict[str, str]) -> float:
+    """Added seconds: forward work recomputed plus packing and unpacking compressed ones."""
     return sum(costs.node[name].forward_seconds
-               for name, decision in decisions.items() if decision == "recompute")
+               for name, decision in decisions.items()
+               if decision == "recompute") + compress_seconds(costs, decisions)
 
 
-def minimum_peak(graph: PlanGraph, costs: CostModel) -> tuple[int, dict[str, int]]:
-    """The smallest peak the keep/recompute plan space reaches, and its breakdown.
+def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | None = None
+                 ) -> tuple[int, dict[str, int]]:
+    """The smallest peak the plan space reaches, and its breakdown.
 
     The lower of the ILP in min-peak mode and the greedy's lowest segment plan, both
-    measured by the simulator.
+    measured by the simulator. With ``options.compress`` the plan space includes
+    compression down to ``options.min_bits``.
     """
     from .greedy import greedy_min_peak
     from .ilp import solve_min_peak
     candidates = [greedy_min_peak(graph, costs)]
-    decisions = solve_min_peak(graph, costs)
+    decisions = solve_min_peak(graph, costs, _min_peak_options(options))
     if decisions:
         candidates.append(decisions)
     best = min((simulate(graph, costs, d) for d in candidates), key=lambda t: t.peak_bytes)
@@ -149,6 +167,14 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
             raise
     seconds = time.perf_counter() - start
     decisions = {name: result.decisions.get(name, "keep") for name in space.candidates}
+    for name, decision in decisions.items():
+        if option_of(decision) is not None and not options.compress:
+            raise SolverError(f"solver {solver!r} compressed {name!r} although compression "
+                              f"is off; this is a bug in fedplan, please report it")
+    last_of_unit = {name: group[-1] for group in space.groups for name in group}
+    pack_after = tuple((name, last_of_unit[name]) for name, decision in decisions.items()
+                       if option_of(decision) is not None
+                       and last_of_unit.get(name, name) != name)
     timeline = simulate(graph, costs, decisions)
     if timeline.peak_bytes > target:
         raise SolverError(
@@ -163,18 +189,30 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         predicted_overhead_seconds=overhead_seconds(costs, decisions),
         keep_all_peak_bytes=keep_all.peak_bytes, solver=solver, status=result.status,
         objective=result.objective, bound=result.bound, solve_seconds=seconds,
-        breakdown=timeline.breakdown, notes=result.notes)
+        breakdown=timeline.breakdown, notes=result.notes, pack_after=pack_after)
 
 
-def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str
-               ) -> BudgetInfeasibleError:
+def _min_peak_options(options: SolverOptions | None) -> SolverOptions:
+    base = SolverOptions(time_limit_seconds=20)
+    if options is None:
+        return base
+    from dataclasses import replace
+    return replace(base, compress=options.compress, min_bits=options.min_bits,
+                   workers=options.workers, seed=options.seed)
+
+
+def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
+               options: SolverOptions | None = None) -> BudgetInfeasibleError:
     """The error for a budget below what the plan space reaches, with the smallest peak."""
-    smallest, breakdown = minimum_peak(graph, costs)
+    smallest, breakdown = minimum_peak(graph, costs, options)
     parts = ", ".join(f"{key.replace('_', ' ')} {value} B" for key, value in breakdown.items())
+    compressing = options is not None and options.compress and costs.compress
+    hint = (f"lower --min-bits (now {options.min_bits})" if compressing and
+            options.min_bits > 2 else "allow compression" if not compressing else "")
     return BudgetInfeasibleError(
         f"budget {budget_bytes} B is below the smallest peak this plan space reaches "
         f"({smallest} B: {parts}); solver {solver!r} found no plan: raise the budget to at "
-        f"least {smallest} B, shrink the batch, or allow compression",
+        f"least {smallest} B, shrink the batch" + (f", or {hint}" if hint else ""),
         smallest_bytes=smallest, breakdown=breakdown)
 
 

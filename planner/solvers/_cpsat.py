@@ -66,8 +66,55 @@ class CpSatModel:
                     model.AddImplication(same, self.r[unit])  # one region: all recompute
                 model.AddBoolOr([self.r[reader].Not(), same, var])  # region saves inputs
 
+        # compression: c[node, option] (at most one option; never with recomputation; only
+        # for a storage held for backward, which it then holds packed)
+        self.c: dict[tuple[str, str], object] = {}
+        saving: dict[str, list] = {}
+        forward_delta = [[] for _ in range(n + 2)]   # packed copy from producer to end_read
+        backward_delta = [[] for _ in range(n + 2)]  # unpacked again up to its last use
+        compress_micros = []
+        for item in facts.compress:
+            held = h[item.key]
+            if isinstance(held, int) and held == 0:
+                continue
+            literals = []
+            for name, packed_kib, micros, _error in item.options:
+                packed = _up(packed_kib)
+                if packed >= size[item.key]:
+                    continue
+                var = model.NewBoolVar(f"c_{item.node}_{name}")
+                self.c[item.node, name] = var
+                literals.append(var)
+                if not isinstance(held, int):
+                    model.AddImplication(var, held)
+                saving.setdefault(item.key, []).append((size[item.key] - packed, var))
+                forward_delta[item.producer].append((packed, var))
+                forward_delta[item.end_read + 1].append((-packed, var))
+                # unpacked next to the packed copy, at full size
+                backward_delta[item.producer].append((size[item.key], var))
+                backward_delta[item.last_use + 1].append((-size[item.key], var))
+                compress_micros.append((int(round(micros)), var))
+            if literals:
+                unit = [self.r[item.unit]] if item.unit is not None else []
+                model.Add(sum(literals + unit) <= 1)
+
+        def running(deltas, label):
+            """Per position, the running sum of the deltas (an IntVar where it changes)."""
+            values, current = [], 0
+            for i in range(n):
+                if deltas[i]:
+                    var = model.NewIntVar(0, total, f"{label}_{i}")
+                    model.Add(var == current + sum(k * v for k, v in deltas[i]))
+                    current = var
+                values.append(current)
+            return values
+
+        packed_forward = running(forward_delta, "P")
+        unpacked_backward = running(backward_delta, "U")
+
         def retained(keys):
-            return sum(size[key] * h[key] for key in keys)
+            return sum(size[key] * h[key] - sum(k * v for k, v in saving.get(key, ()))
+                       for key in keys)
 
         by_end: dict[int, list[str]] = {}
         live_delta = [0] * (n + 1)
@@ -98,7 +145,8 @@ class CpSatModel:
             prefix = model.NewIntVar(0, total, f"Rf_{i}")
             model.Add(prefix == previous + retained(by_end.get(i - 1, [])))
             previous = prefix
-            model.Add(fixed + live + prefix + _up(facts.forward_extra[i]) <= budget)
+            model.Add(fixed + live + prefix + packed_forward[i]
+                      + _up(facts.forward_extra[i]) <= budget)
 
         by_free: dict[int, list[str]] = {}
         for key in facts.storages:
@@ -112,7 +160,7 @@ class CpSatModel:
             model.Add(prefix == running + retained(by_free.get(i, [])))
             running = prefix
             r = r_at(i)
-            base = _up(facts.backward_base[i])
+            base = _up(facts.backward_base[i]) + unpacked_backward[i]
             if r is None:
                 a_previous = t_previous = None
                 model.Add(fixed + prefix + base + _up(facts.backward_extra[i]) <= budget)
@@ -135,7 +183,8 @@ class CpSatModel:
             micros[unit] = micros.get(unit, 0) + int(round(
                 costs.node[name].forward_seconds * 1e6))
         self.micros = micros
-        recompute = sum(micros.get(g, 0) * self.r[g] for g in range(unit_count))
+        recompute = sum(micros.get(g, 0) * self.r[g] for g in range(unit_count)) + sum(
+            k * v for k, v in compress_micros)
         if budget_bytes is None:
             model.Minimize(budget)
         else:
@@ -152,6 +201,8 @@ class CpSatModel:
             values[unit] = min(values.get(unit, 1), recompute)
         for g, var in enumerate(self.r):
             self.model.AddHint(var, values.get(g, 0))
+        for (node, name), var in self.c.items():
+            self.model.AddHint(var, 1 if decisions.get(node) == f"compress:{name}" else 0)
 
     def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
         """(status, decisions, objective seconds, bound seconds)."""
@@ -163,5 +214,8 @@ class CpSatModel:
             return state, {}, None, None
         decisions = {name: "recompute" if self.solver.Value(self.r[unit]) else "keep"
                      for name, unit in self.facts.unit_of.items()}
+        for (node, name), var in self.c.items():
+            if self.solver.Value(var):
+                decisions[node] = f"compress:{name}"
         return (state, decisions, self.solver.ObjectiveValue() / 1e6,
                 self.solver.BestObjectiveBound() / 1e6)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ortools.linear_solver import pywraplp
 
 from ..candidates import plan_space
+from ..compression import allowed_options
 from ..cost import LOSS, CostModel
 from ..errors import SolverError
 from ..ir import PlanGraph
@@ -113,6 +114,20 @@ class _Facts:
     region_kib: float                        # held per checkpoint region (its RNG state)
     optimizer_peak: float
     max_forward_temp: float
+    compress: list[CompressItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompressItem:
+    """A node whose output storage the ILP may compress, with one entry per option."""
+
+    node: str
+    key: str
+    unit: int | None                  # its decision unit (None: always kept)
+    producer: int                     # positions: made at, last read in forward ...
+    end_read: int
+    last_use: int                     # ... and last saved or read by anyone
+    options: tuple[tuple[str, float, float, float], ...]  # (name, packed KiB, us, error)
 
 
 def coarse_units(graph: PlanGraph, costs: CostModel, max_units: int) -> dict[str, int]:
@@ -152,8 +167,8 @@ def coarse_units(graph: PlanGraph, costs: CostModel, max_units: int) -> dict[str
     return {name: index for index, group in enumerate(units) for name in group}
 
 
-def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = None
-           ) -> _Facts:
+def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = None,
+           options: SolverOptions | None = None) -> _Facts:
     space = plan_space(graph, costs)
     order = list(space.order)
     position = {name: i for i, name in enumerate(order)}
@@ -275,7 +290,32 @@ def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = 
     return _Facts(order, position, unit_of, list(sizes), sizes, producer, end_read, savers,
                   readers, free_from, forward_extra, backward_base, backward_extra,
                   produced, retention, fixed, costs.region_bytes / KIB, optimizer_peak,
-                  max_temp)
+                  max_temp, _compress_items(costs, options, unit_of, position, sizes,
+                                            producer, end_read, savers, readers, retention))
+
+
+def _compress_items(costs, options, unit_of, position, sizes, producer, end_read, savers,
+                    readers, retention) -> list[CompressItem]:
+    if options is None or not options.compress or not costs.compress:
+        return []
+    allowed = allowed_options(options.min_bits)
+    forward_us = sum(node.forward_seconds for node in costs.nodes) * 1e6
+    weight = options.error_weight * forward_us
+    items = []
+    for cost in costs.compress:
+        key = cost.storage
+        if key not in sizes or cost.node not in position or retention[key].never:
+            continue
+        uses = savers[key] + [reader for _, reader in readers[key]] + [end_read[key]]
+        choices = tuple((name, cost.packed_bytes[name] / KIB,
+                         cost.seconds(name) * 1e6 + weight * cost.rel_error[name],
+                         cost.rel_error[name])
+                        for name in allowed if name in cost.packed_bytes
+                        and cost.packed_bytes[name] < costs.storage[key].nbytes)
+        if choices:
+            items.append(CompressItem(cost.node, key, unit_of.get(cost.node),
+                                      producer[key], end_read[key], max(uses), choices))
+    return items
 
 
 class _Model:
@@ -336,6 +376,47 @@ class _Model:
                     solver.Add(same <= self.r[unit])  # one region: every node recomputes
                 solver.Add(var >= self.r[reader] - same)  # a region saves outside inputs
 
+        # compression, as in _cpsat.py: c[node, option], packed while held for backward
+        self.c: dict[tuple[str, str], object] = {}
+        saving: dict[str, list] = {}
+        forward_delta = [[] for _ in range(n + 2)]
+        backward_delta = [[] for _ in range(n + 2)]
+        compress_ms = []
+        for item in facts.compress:
+            held = h[item.key]
+            if isinstance(held, float) and held == 0.0:
+                continue
+            literals = []
+            full = facts.size[item.key]
+            for name, packed, micros, _error in item.options:
+                var = solver.BoolVar(f"c_{item.node}_{name}")
+                self.c[item.node, name] = var
+                literals.append(var)
+                if not isinstance(held, float):
+                    solver.Add(var <= held)
+                saving.setdefault(item.key, []).append((full - packed, var))
+                forward_delta[item.producer].append((packed, var))
+                forward_delta[item.end_read + 1].append((-packed, var))
+                backward_delta[item.producer].append((full, var))  # next to the packed
+                backward_delta[item.last_use + 1].append((-full, var))
+                compress_ms.append((micros / 1e3, var))
+            if literals:
+                unit = [self.r[item.unit]] if item.unit is not None else []
+                solver.Add(solver.Sum(literals + unit) <= 1)
+
+        def running(deltas, label):
+            values, current = [], 0.0
+            for i in range(n):
+                if deltas[i]:
+                    var = solver.NumVar(0, infinity, f"{label}_{i}")
+                    solver.Add(var == current + solver.Sum(k * v for k, v in deltas[i]))
+                    current = var
+                values.append(current)
+            return values
+
+        packed_forward = running(forward_delta, "P")
+        unpacked_backward = running(backward_delta, "U")
+
         def retained(keys):
             constant = 0.0
             variables = []
@@ -345,6 +426,7 @@ class _Model:
                     constant += value * facts.size[key]
                 else:
                     variables.append(facts.size[key] * value)
+                variables.extend(-k * v for k, v in saving.get(key, ()))
             return constant, variables
 
         # forward: storages still to be read are live; older ones only if retained
@@ -363,7 +445,8 @@ class _Model:
             solver.Add(prefix == (previous if previous is not None else 0)
                        + constant + solver.Sum(variables))  # retained, read before i
             previous = prefix
-            solver.Add(fixed + live + prefix + facts.forward_extra[i] <= budget)
+            solver.Add(fixed + live + prefix + packed_forward[i] + facts.forward_extra[i]
+                       <= budget)
 
         # backward: retained storages are held until backward passes their producer
         by_free: dict[int, list[str]] = {}
@@ -408,15 +491,16 @@ class _Model:
                 recomputed = a
                 # the recomputation itself, when backward enters the region
                 solver.Add(fixed + backward_prefix[i] + a + facts.backward_base[i]
-                           + tau <= budget)
-            solver.Add(fixed + backward_prefix[i] + recomputed
-                       + facts.backward_base[i] + facts.backward_extra[i] <= budget)
+                           + unpacked_backward[i] + tau <= budget)
+            solver.Add(fixed + backward_prefix[i] + recomputed + facts.backward_base[i]
+                       + unpacked_backward[i] + facts.backward_extra[i] <= budget)
 
         # objective: recompute seconds (ms), or the peak first when minimising it
         seconds = {}
         for name, unit in facts.unit_of.items():
             seconds[unit] = seconds.get(unit, 0.0) + costs.node[name].forward_seconds * 1e3
-        recompute_ms = solver.Sum(seconds.get(g, 0.0) * self.r[g] for g in range(unit_count))
+        recompute_ms = solver.Sum([seconds.get(g, 0.0) * self.r[g] for g in range(unit_count)]
+                                  + [k * v for k, v in compress_ms])
         if budget_bytes is None:
             solver.Minimize(budget + 1e-6 * recompute_ms)
         else:
@@ -439,7 +523,10 @@ class _Model:
         values = {}
         for name, unit in self.facts.unit_of.items():
             values[unit] = 1.0 if decisions.get(name) == "recompute" else 0.0
-        self.solver.SetHint(self.r, [values.get(g, 0.0) for g in range(len(self.r))])
+        variables = list(self.r) + list(self.c.values())
+        hints = [values.get(g, 0.0) for g in range(len(self.r))] + [
+            1.0 if decisions.get(node) == f"compress:{name}" else 0.0 for node, name in self.c]
+        self.solver.SetHint(variables, hints)
 
     def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
         """(status, decisions, objective seconds, bound seconds)."""
@@ -452,6 +539,9 @@ class _Model:
             return state, {}, None, None
         decisions = {name: "recompute" if self.r[unit].solution_value() > 0.5 else "keep"
                      for name, unit in self.facts.unit_of.items()}
+        for (node, name), var in self.c.items():
+            if var.solution_value() > 0.5:
+                decisions[node] = f"compress:{name}"
         objective = self.solver.Objective()
         return state, decisions, objective.Value() / 1e3, objective.BestBound() / 1e3
 
@@ -468,7 +558,7 @@ def solve_min_peak(graph: PlanGraph, costs: CostModel,
     """Decisions that minimise the modelled peak, or None if none was found in time."""
     options = options or SolverOptions(time_limit_seconds=20)
     unit_of = coarse_units(graph, costs, MAX_UNITS)
-    model = _build(_facts(graph, costs, unit_of), costs, None, options)
+    model = _build(_facts(graph, costs, unit_of, options), costs, None, options)
     _, decisions, _, _ = model.solve()
     return decisions or None
 
@@ -482,10 +572,10 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     space_units = len(plan_space(graph, costs).groups)
     unit_of = coarse_units(graph, costs, MAX_UNITS)
     units = max(unit_of.values(), default=-1) + 1
-    facts = _facts(graph, costs, unit_of)
+    facts = _facts(graph, costs, unit_of, options)
     notes = []
     if facts.optimizer_peak * KIB > budget_bytes:
-        raise infeasible(graph, costs, budget_bytes, "ilp")
+        raise infeasible(graph, costs, budget_bytes, "ilp", options)
     warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=60)
             if options.warm_start else None)
     model = _build(facts, costs, budget_bytes, options)
@@ -528,6 +618,6 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                            objective=overhead_seconds(costs, warm), bound=None,
                            notes=tuple(notes))
     if state == "infeasible":
-        raise infeasible(graph, costs, budget_bytes, "ilp")
+        raise infeasible(graph, costs, budget_bytes, "ilp", options)
     raise SolverError(f"{options.backend} found no plan within {options.time_limit_seconds:g} "
                       f"s and the greedy found none either; raise --time-limit")
