@@ -232,7 +232,12 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any] | None:
         def advance() -> None:
             progress.advance(task)
 
-        points = [p.to_json() for p in run_bench(config, say=say, advance=advance)]
+        def checkpoint(done) -> None:  # partial results, replaced by the final ones
+            report.write_json_atomic(out / "results.partial.json",
+                                     {"points": [p.to_json() for p in done]})
+
+        points = [p.to_json() for p in run_bench(config, say=say, advance=advance,
+                                                 checkpoint=checkpoint)]
         runs, gaps = ([], []) if args.no_solver else solver_section(
             args.quick, config.time_limit, advance)
     goal = report.goals(points, gaps)
@@ -244,6 +249,7 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any] | None:
                "wall_seconds": time.perf_counter() - started,
                "points": points, "solver_runs": runs, "gaps": gaps, "goals": goal}
     files = report.write_results(out, payload)
+    (out / "results.partial.json").unlink(missing_ok=True)
     if not args.no_plots:
         from .plots import write_plots
         files += write_plots(out, payload)

@@ -413,7 +413,10 @@ def steps_per_model(config: BenchConfig) -> int:
 
 
 def run_bench(config: BenchConfig, *, say: Callable[[str], None],
-              advance: Callable[[], None]) -> list[Point]:
+              advance: Callable[[], None],
+              checkpoint: Callable[[list[Point]], None] | None = None) -> list[Point]:
+    """Every model in turn; ``checkpoint(points so far)`` after each, so a long run that
+    is interrupted still leaves its finished models on disk."""
     points: list[Point] = []
     for path in config.models:
         spec = load_model_file(path)
@@ -422,6 +425,8 @@ def run_bench(config: BenchConfig, *, say: Callable[[str], None],
             points.extend(bench.run(advance))
         except fedplan.FedplanError as exc:  # the model itself is unusable: record, go on
             points.append(Point(model=spec.name, planner="none", budget="-").fail(exc))
+        if checkpoint:
+            checkpoint(points)
     return points
 
 
