@@ -26,8 +26,17 @@ run. Per-device speed scales every operator's time by the same factor, which lea
 argmin of the solve unchanged, so one plan per bucket serves every speed; a device's
 step time is the plan's analytic step time divided by its speed.
 
-Planner keywords are passed in exactly one place, :meth:`PlanCache.planner_keywords`
-(for example to switch activation compression on once ``fedplan.plan`` takes it).
+**Compression.** Plans may keep activations compressed as well as recompute them
+(``compress=True``, the default; codes no narrower than ``min_bits``, default 4). The
+measured pack/unpack times are replaced by analytic ones for the same reason as above:
+``(bytes read + bytes written) / flops_per_second`` times a work factor per kind of code,
+:data:`COMPRESS_WORK_FACTOR` (the median of measured over analytic time on this machine).
+Planner keywords are passed in exactly one place, :meth:`PlanCache.planner_keywords`.
+
+**Robust.** A bucket whose solve fails for any reason other than an infeasible budget (a
+``SolverError``, say) is logged in :attr:`PlanCache.failures`, solved again with the
+recompute-only ``greedy`` solver, and marked infeasible if that fails too: one bucket
+never ends a federation.
 """
 
 from __future__ import annotations
@@ -47,13 +56,35 @@ from fedplan.planner.simulate import simulate
 
 from .client import measure_plan_peak
 
-__all__ = ["REFERENCE_FLOPS_PER_SECOND", "CachedPlan", "PlanCache"]
+__all__ = ["COMPRESS_WORK_FACTOR", "REFERENCE_FLOPS_PER_SECOND", "CachedPlan", "Infeasible",
+           "PlanCache", "analytic_compress_costs"]
 
 REFERENCE_FLOPS_PER_SECOND = 1.2e10
 """Analytic rate (FLOPs plus bytes written, per second) of this 2-vCPU machine at speed
-1.0, calibrated once: the analytic keep-all step of ``fl/models/mnist_mbconv.py`` at batch
+1.0, calibrated once: the analytic keep-all step of ``examples/mnist_mbconv.py`` at batch
 16 (forward, plus a backward counted as twice the forward) is then 20.4 ms, against 18 ms
 measured on an idle machine with one thread (0.245 s at 1e9)."""
+
+COMPRESS_WORK_FACTOR = {"uniform": 2.0, "mixed": 8.0}
+"""Measured pack+unpack seconds over ``2 * (4 * numel + packed bytes) / 1.2e10``, median
+over the 27 compressible activations of ``examples/mnist_mbconv.py`` at batch 16, one
+thread (8/4/2-bit uniform codes: 1.8, 2.1, 1.8; channel-wise mixed 4/3: 7.5, 8.5)."""
+
+
+def analytic_compress_costs(costs, *, flops_per_second: float):
+    """``costs`` with every compression option's pack and unpack time made analytic:
+    each moves ``4 * numel`` float bytes and the packed bytes once, at
+    ``flops_per_second`` times :data:`COMPRESS_WORK_FACTOR` of its kind."""
+    out = []
+    for item in costs.compress:
+        numel = math.prod(item.shape)
+        pack, unpack = {}, {}
+        for option, packed in item.packed_bytes.items():
+            kind = "mixed" if option.startswith("mixed") else "uniform"
+            seconds = COMPRESS_WORK_FACTOR[kind] * (4 * numel + packed) / flops_per_second
+            pack[option] = unpack[option] = seconds
+        out.append(replace(item, pack_seconds=pack, unpack_seconds=unpack))
+    return replace(costs, compress=tuple(out))
 
 
 @dataclass(frozen=True)
@@ -86,7 +117,8 @@ class PlanCache:
                  example_targets: torch.Tensor, *, optimizer: str = "sgd", lr: float = 0.01,
                  loss_fn: Callable | None = None, bucket_fraction: float = 0.025,
                  flops_per_second: float = REFERENCE_FLOPS_PER_SECOND, solver: str = "ilp",
-                 options: fedplan.SolverOptions | None = None,
+                 options: fedplan.SolverOptions | None = None, compress: bool = True,
+                 min_bits: int = 4,
                  progress: Callable[[str], None] | None = None):
         if not 0 < bucket_fraction < 1:
             raise ValueError(f"bucket_fraction must be in (0, 1); got {bucket_fraction}")
@@ -97,6 +129,8 @@ class PlanCache:
         self.bucket_fraction = bucket_fraction
         self.flops_per_second = flops_per_second
         self.solver = solver
+        self.compress, self.min_bits = bool(compress), int(min_bits)
+        self.failures: list[dict[str, Any]] = []  # buckets whose first solve raised
         # one worker: CP-SAT is then deterministic for a seed (several race)
         self.options = options or fedplan.SolverOptions(workers=1, time_limit_seconds=20.0)
         self.say = progress or (lambda _m: None)
@@ -106,9 +140,12 @@ class PlanCache:
         start = time.perf_counter()
         model = model_factory()
         measured = fedplan.analyze(model, example_inputs, example_targets, loss_fn=loss_fn,
-                                   optimizer=optimizer, repeats=1, progress=self.say)
-        self.analysis = replace(measured, costs=analytic_costs(
-            measured.costs, flops_per_second=flops_per_second))
+                                   optimizer=optimizer, repeats=1,
+                                   compress=self.compress and solver == "ilp",
+                                   progress=self.say)
+        costs = analytic_costs(measured.costs, flops_per_second=flops_per_second)
+        self.analysis = replace(measured, costs=analytic_compress_costs(
+            costs, flops_per_second=flops_per_second))
         self.fingerprint = self.analysis.graph.fingerprint
         self.keep_all_predicted_bytes = simulate(self.analysis.graph,
                                                  self.analysis.costs).peak_bytes
@@ -124,15 +161,16 @@ class PlanCache:
     def planner_keywords(self) -> dict[str, Any]:
         """Keywords every ``fedplan.plan`` call of the cache gets (one place to change)."""
         return {"solver": self.solver, "options": self.options, "optimizer": self.optimizer,
-                "loss_fn": self.loss_fn, "verify": True}
+                "loss_fn": self.loss_fn, "verify": True, "compress": self.compress,
+                "min_bits": self.min_bits}
 
-    def _solve(self, budget_bytes: int) -> fedplan.Plan:
+    def _solve(self, budget_bytes: int, **overrides: Any) -> fedplan.Plan:
         self.solves += 1
         start = time.perf_counter()
         try:
             plan, _ = fedplan.plan(self.model_factory(), self.inputs, self.targets,
                                    budget=int(budget_bytes), analysis=self.analysis,
-                                   **self.planner_keywords())
+                                   **(self.planner_keywords() | overrides))
         finally:
             self.solve_seconds += time.perf_counter() - start
         return plan
@@ -177,12 +215,32 @@ class PlanCache:
         return entry
 
     def _plan_bucket(self, bucket: int, edge: int) -> CachedPlan | Infeasible:
+        try:
+            return self._plan_bucket_with(bucket, edge)
+        except fedplan.BudgetInfeasibleError as exc:
+            return Infeasible(bucket, edge, exc.smallest_bytes, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bucket must never end a federation
+            first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failures.append({"bucket": bucket, "edge_bytes": edge,
+                                  "solver": self.solver, "error": first})
+            self.say(f"bucket {bucket} ({edge} B): {first}; falling back to 'greedy'")
+        try:  # recompute-only fallback
+            return self._plan_bucket_with(bucket, edge, solver="greedy", compress=False)
+        except fedplan.BudgetInfeasibleError as exc:
+            return Infeasible(bucket, edge, exc.smallest_bytes,
+                              f"after {self.failures[-1]['error']}: greedy: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failures.append({"bucket": bucket, "edge_bytes": edge, "solver": "greedy",
+                                  "error": first})
+            self.say(f"bucket {bucket} ({edge} B): greedy failed too ({first}); infeasible")
+            return Infeasible(bucket, edge, None, f"solvers failed: {first}")
+
+    def _plan_bucket_with(self, bucket: int, edge: int, **overrides: Any
+                          ) -> CachedPlan | Infeasible:
         target = edge
         for _ in range(3):
-            try:
-                plan = self._solve(target)
-            except fedplan.BudgetInfeasibleError as exc:
-                return Infeasible(bucket, edge, exc.smallest_bytes, str(exc))
+            plan = self._solve(target, **overrides)
             measured = measure_plan_peak(self.model_factory, plan, self.inputs, self.targets,
                                          loss_fn=self.loss_fn, lr=self.lr)
             if measured <= edge:
@@ -200,7 +258,8 @@ class PlanCache:
         entries = list(self._entries.values())
         return {"buckets": len(entries),
                 "feasible_buckets": sum(isinstance(e, CachedPlan) for e in entries),
-                "solves": self.solves, "hits": self.hits,
+                "solves": self.solves, "hits": self.hits, "failures": list(self.failures),
+                "compress": self.compress, "min_bits": self.min_bits,
                 "solve_seconds": round(self.solve_seconds, 3),
                 "analysis_seconds": round(self.analysis_seconds, 3),
                 "keep_all_bytes": self.keep_all_bytes,

@@ -24,20 +24,40 @@ times of one step, recomputation included, divided by its speed):
   round times), else 1; utility ``U_i = S_i * sys_i``. Oort knows nothing about memory:
   it may pick a client no plan fits, which the server skips; such a client is then marked
   explored with utility 0.
-* ``fedhybrid`` (Tam et al.; read from a public review, the paper's method section was
-  not available): ``U_i = D_i * Mem_i * C_i`` with data utility ``D_i = S_i`` (Oort's
-  statistical utility, as the issue asks), memory utility ``Mem_i = M_i / M_G`` when
-  ``M_i < M_G`` and 1 otherwise (0 when no plan fits: such a client cannot train),
-  compute utility ``C_i = min_j t_j / t_i`` (the reciprocal of the per-operator time,
-  scaled to (0, 1]).
+* ``fedhybrid`` (after Tam et al.; the paper's method section was not available, so
+  this is our reading of its three utilities, stated exactly):
+  ``U_i = D_i * Mem_i * C_i`` with
+
+  - data utility ``D_i = S_i``, Oort's statistical utility above (per-sample training
+    losses, from the last round the client took part in);
+  - memory utility ``Mem_i = 1`` when ``M_i >= M_G``; when ``M_i < M_G`` and a plan fits,
+    ``Mem_i = tau_i / tau'_i``: the keep-all step time over the step time under the
+    client's plan (recomputation plus pack/unpack of compressed activations), i.e. the
+    real cost of training below keep-all: a penalty as large as the plan's predicted time
+    overhead (BENCHMARKS.md gives the values in the memory-wall experiment), not an
+    exclusion; ``Mem_i = 0`` when no plan fits
+    (such a client cannot train, and is never selected). The earlier ``M_i / M_G`` (from a
+    public review of the paper) penalised a client for being memory-poor *although* its
+    plan lets it train, and under-selected exactly the clients the memory wall hides;
+  - compute utility from the per-operator time: ``t_i = steps_i * sum_o t_o / s_i``, the
+    client's keep-all round time (sum of the model's per-operator analytic times
+    ``t_o`` for one step, divided by the device speed ``s_i``, times its local steps);
+    ``C_i = (T / t_i) ** alpha`` when ``t_i > T``, else 1, with ``T`` the
+    ``pacer_quantile`` of all feasible clients' ``t_i`` (Oort's pacer on the same times).
+
+  Exploration draws unexplored clients at random with probability proportional to
+  ``Mem_i * C_i`` (known before any training), not fastest-first: fastest-first would
+  always explore the fast, memory-rich devices first, and the data utility could never
+  find a memory-poor client's distinctive data.
 
 Both utility selectors explore and exploit like Oort: a share ``eps_r = max(eps_min,
-eps_0 * decay^r)`` of the ``k`` slots goes to clients never explored (for ``fedhybrid``
-the ones with the highest ``Mem_i * C_i``, known before training; for ``oort`` the fastest
-by predicted round time, as Oort does), the rest to explored clients ranked by the UCB
-score ``U_i / max_j U_j + c * sqrt(ln(r + 1) / n_i)`` (``n_i``: rounds client ``i`` took
-part in; ties broken at random). Slots left over (too few explored clients) go to the
-other pool.
+eps_0 * decay^r)`` of the ``k`` slots goes to clients never explored (``oort``: fastest
+by predicted round time first, as Oort does; ``fedhybrid``: drawn as above), the rest to
+explored clients ranked by the UCB score ``U_i / max_j U_j + c * sqrt(ln(r + 1) / n_i)``
+(``n_i``: rounds client ``i`` was selected in; ties broken at random). Slots left over
+(too few explored clients) go to the other pool. Hyperparameters (defaults, the same for
+both and not tuned on the experiment): ``eps_0 = 0.9``, ``decay = 0.95``,
+``eps_min = 0.2``, ``c = 0.3``, ``alpha = 2``, ``pacer_quantile = 0.5``.
 """
 
 from __future__ import annotations
@@ -74,6 +94,18 @@ class Candidate:
     fits_keep_all: bool     # the budget holds the measured keep-all peak
     step_seconds: float     # device seconds of one local step under its plan (inf if none)
     round_seconds: float    # device seconds of its whole local work this round
+    keep_all_step_seconds: float = math.nan
+    """Device seconds of one keep-all step (the per-operator times over the speed); NaN
+    when unknown, and then ``fedhybrid`` charges no plan overhead."""
+
+    @property
+    def keep_all_round_seconds(self) -> float:
+        """Its local work this round if it trained keep-all (``round_seconds`` if unknown)."""
+        if not math.isfinite(self.keep_all_step_seconds):
+            return self.round_seconds
+        steps = self.round_seconds / self.step_seconds if math.isfinite(
+            self.step_seconds) and self.step_seconds > 0 else 0.0
+        return steps * self.keep_all_step_seconds if steps else math.inf
 
 
 class Selector(ABC):
@@ -152,7 +184,7 @@ class _UtilitySelector(Selector):
         n_explore = min(len(fresh), k - n_exploit)  # give unused slots to the other pool
         tie = rng.permutation(len(candidates))  # random tie-break, seeded per round
         order = {c.client_id: int(tie[j]) for j, c in enumerate(candidates)}
-        fresh.sort(key=lambda c: (-self._prior(c, candidates), order[c.client_id]))
+        explored = self._explore(fresh, n_explore, candidates, order, rng)
         utilities = {c.client_id: self._utility(c, candidates) for c in known}
         top = max(utilities.values(), default=0.0) or 1.0
         log_r = math.log(round_index + 1.0)
@@ -162,9 +194,14 @@ class _UtilitySelector(Selector):
             return utilities[c.client_id] / top + bonus
 
         known.sort(key=lambda c: (-score(c), order[c.client_id]))
-        chosen = [c.client_id for c in fresh[:n_explore]] + [c.client_id
-                                                             for c in known[:n_exploit]]
+        chosen = explored + [c.client_id for c in known[:n_exploit]]
         return sorted(chosen)
+
+    def _explore(self, fresh: list[Candidate], n: int, candidates: Sequence[Candidate],
+                 order: dict[int, int], rng: np.random.Generator) -> list[int]:
+        """``n`` unexplored clients; default: the highest prior first (Oort)."""
+        fresh = sorted(fresh, key=lambda c: (-self._prior(c, candidates), order[c.client_id]))
+        return [c.client_id for c in fresh[:n]]
 
     def observe(self, round_index, client_id, *, num_samples, loss_sq_sum, loss_count):
         mean_sq = loss_sq_sum / loss_count if loss_count else 0.0
@@ -212,25 +249,52 @@ class OortSelector(_UtilitySelector):
 class FedHybridSelector(_UtilitySelector):
     name = "fedhybrid"
 
-    def __init__(self, *, keep_all_bytes: int, **kw):
+    def __init__(self, *, keep_all_bytes: int, pacer_quantile: float = 0.5,
+                 alpha: float = 2.0, **kw):
         super().__init__(**kw)
         self.keep_all_bytes = int(keep_all_bytes)
+        self.pacer_quantile, self.alpha = pacer_quantile, alpha
 
     def memory_utility(self, c: Candidate) -> float:
+        """``Mem_i``: 0 without a plan, 1 at or above keep-all, else the plan's slowdown."""
         if not c.feasible:
             return 0.0
-        return min(1.0, c.budget_bytes / self.keep_all_bytes)
+        if c.fits_keep_all or c.budget_bytes >= self.keep_all_bytes:
+            return 1.0
+        if not (math.isfinite(c.keep_all_step_seconds) and c.step_seconds > 0):
+            return 1.0  # the plan's overhead is unknown: charge none
+        return min(1.0, c.keep_all_step_seconds / c.step_seconds)
+
+    def _pacer(self, candidates: Sequence[Candidate]) -> float:
+        times = [c.keep_all_round_seconds for c in candidates
+                 if c.feasible and math.isfinite(c.keep_all_round_seconds)]
+        return float(np.quantile(times, self.pacer_quantile)) if times else math.inf
 
     def compute_utility(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
-        fastest = min((x.step_seconds for x in candidates if math.isfinite(x.step_seconds)),
-                      default=math.inf)
-        return fastest / c.step_seconds if math.isfinite(c.step_seconds) else 0.0
+        """``C_i = (T / t_i) ** alpha`` above the pacer ``T``, else 1 (0 without a plan)."""
+        t = c.keep_all_round_seconds
+        if not (c.feasible and math.isfinite(t)):
+            return 0.0
+        pacer = self._pacer(candidates)
+        return (pacer / t) ** self.alpha if t > pacer else 1.0
 
     def _eligible(self, c):
         return c.feasible
 
     def _prior(self, c, candidates):
         return self.memory_utility(c) * self.compute_utility(c, candidates)
+
+    def _explore(self, fresh, n, candidates, order, rng):
+        if n <= 0 or not fresh:
+            return []
+        fresh = sorted(fresh, key=lambda c: c.client_id)
+        weights = np.array([self._prior(c, candidates) for c in fresh], dtype=np.float64)
+        positive = int((weights > 0).sum())
+        if positive == 0:
+            return []
+        picked = rng.choice(len(fresh), size=min(n, positive), replace=False,
+                            p=weights / weights.sum())
+        return [fresh[int(j)].client_id for j in picked]
 
     def _utility(self, c, candidates):
         return (self.stat.get(c.client_id, 0.0) * self.memory_utility(c)

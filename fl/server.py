@@ -264,7 +264,8 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
                 client_id=cid, budget_bytes=device.budget_bytes, speed=device.speed,
                 num_samples=len(part), feasible=feasible,
                 fits_keep_all=device.budget_bytes >= keep_all, step_seconds=step,
-                round_seconds=steps * step if feasible else math.inf))
+                round_seconds=steps * step if feasible else math.inf,
+                keep_all_step_seconds=cache.base_step_seconds / device.speed))
     return Federation(config=config, spec=spec, dataset=dataset, devices=devices,
                       partitions=partitions, cache=cache, candidates=candidates,
                       batch_size=batch_size, setup_seconds=time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -96,11 +97,14 @@ def candidates() -> list[selectors.Candidate]:
         budget = [400, 600, 900, 1000, 1500][i % 5]
         feasible = budget >= 600
         speed = [0.2, 0.3, 0.5, 1.0, 1.0][i % 5]
-        step = 0.1 / speed if feasible else math.inf
+        # keep-all step 0.1 s at speed 1; a plan below keep-all costs 25 % more
+        keep_step = 0.1 / speed
+        step = (keep_step * (1.25 if budget < KEEP_ALL else 1.0)) if feasible else math.inf
         out.append(selectors.Candidate(client_id=i, budget_bytes=budget, speed=speed,
                                        num_samples=20 + i, feasible=feasible,
                                        fits_keep_all=budget >= KEEP_ALL, step_seconds=step,
-                                       round_seconds=4 * step))
+                                       round_seconds=4 * step,
+                                       keep_all_step_seconds=keep_step))
     return out
 
 
@@ -120,16 +124,32 @@ def test_random_and_exclude():
 def test_fedhybrid_utilities_and_exploration():
     cands = candidates()
     f = selectors.FedHybridSelector(keep_all_bytes=KEEP_ALL)
-    assert [f.memory_utility(c) for c in cands[:5]] == [0.0, 0.6, 0.9, 1.0, 1.0]
-    assert f.compute_utility(cands[2], cands) == pytest.approx(0.5)  # 0.1 / 0.2
-    # round 0 explores: 9 of 10 slots to unexplored clients, highest Mem*C first, never an
-    # infeasible one
+    # memory: 0 without a plan, the plan's slowdown below keep-all, 1 at or above it
+    assert [f.memory_utility(c) for c in cands[:5]] == pytest.approx([0.0, 0.8, 0.8, 1, 1])
+    # compute: keep-all round times 4 * 0.1 / speed = 4/3, 0.8, 0.4, 0.4 s (feasible, twice
+    # each); pacer = their median 0.6 s; above it (pacer / t) ** 2
+    assert f._pacer(cands) == pytest.approx(0.6)
+    assert f.compute_utility(cands[1], cands) == pytest.approx((0.6 / (4 / 3)) ** 2)
+    assert f.compute_utility(cands[2], cands) == pytest.approx((0.6 / 0.8) ** 2)
+    assert f.compute_utility(cands[3], cands) == 1.0
+    assert f.compute_utility(cands[0], cands) == 0.0
+    # an unknown keep-all step time charges no plan overhead (old callers)
+    legacy = dataclasses.replace(cands[1], keep_all_step_seconds=math.nan)
+    assert f.memory_utility(legacy) == 1.0
+    # round 0 explores: every slot to unexplored clients, drawn with probability
+    # proportional to Mem * C, never an infeasible one; seeded, so repeatable
     first = f.select(0, cands, 4, np.random.default_rng(0))
-    assert set(first) == {3, 4, 8, 9}
-    for cid in first:  # client 3 reports huge losses
-        f.observe(0, cid, num_samples=20, loss_sq_sum=(100.0 if cid == 3 else 1.0) * 16,
-                  loss_count=16)
-    assert f.stat[3] == pytest.approx(20 * 10.0) and f.stat[4] == pytest.approx(20.0)
+    assert len(first) == 4 and all(cands[c].feasible for c in first)
+    assert first == f.select(0, cands, 4, np.random.default_rng(0))
+    draws = [c for seed in range(200)
+             for c in f.select(0, cands, 2, np.random.default_rng(seed))]
+    # memory-poor, slower clients are explored too, only less often than the fast ones
+    assert 0 < draws.count(1) < draws.count(2) < draws.count(3)
+    for cid in first:  # the first explored client reports huge losses
+        f.observe(0, cid, num_samples=20, loss_sq_sum=(100.0 if cid == first[0] else 1.0)
+                  * 16, loss_count=16)
+    assert f.stat[first[0]] == pytest.approx(20 * 10.0)
+    assert f.stat[first[1]] == pytest.approx(20.0)
     for r in range(1, 40):  # exploration share decays to 0.2: one exploit slot of 2 early
         chosen = f.select(r, cands, 2, np.random.default_rng(r))
         assert all(cands[c].feasible for c in chosen)
@@ -138,6 +158,18 @@ def test_fedhybrid_utilities_and_exploration():
     g.load_state_dict(state)
     assert g.select(40, cands, 3, np.random.default_rng(5)) == f.select(
         40, cands, 3, np.random.default_rng(5))
+
+
+def test_fedhybrid_prefers_high_loss_memory_poor_client():
+    """The data term can outweigh the memory and compute terms: a memory-poor client
+    whose samples the model gets wrong is exploited over a rich one it already fits."""
+    cands = candidates()
+    f = selectors.FedHybridSelector(keep_all_bytes=KEEP_ALL, exploration=0.0,
+                                    exploration_min=0.0, ucb_c=0.0)
+    for cid in (2, 3):  # 2: budget 900 (plan, Mem 0.8, C 0.5625); 3: keep-all, fast
+        f.observe(0, cid, num_samples=20, loss_sq_sum=(9.0 if cid == 2 else 1.0) * 20,
+                  loss_count=20)
+    assert f.select(1, cands, 1, np.random.default_rng(0)) == [2]  # 60*0.45 > 20*1
 
 
 def test_oort_may_pick_infeasible_then_learns():

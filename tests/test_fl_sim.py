@@ -17,10 +17,11 @@ import sys
 import numpy as np
 import pytest
 
+import fedplan
 from fedplan.errors import BadInputError
 from fedplan.fl import data
 from fedplan.fl.messages import ClientReply
-from fedplan.fl.plan_cache import CachedPlan, Infeasible
+from fedplan.fl.plan_cache import COMPRESS_WORK_FACTOR, CachedPlan, Infeasible
 from fedplan.fl.server import Server, SimConfig, build_federation
 
 TINY_MODEL = '''
@@ -104,9 +105,19 @@ def test_plan_cache_buckets_and_measured_peaks(federation):
         entry = cache.lookup(budget)
         assert isinstance(entry, CachedPlan)
         assert entry.measured_peak_bytes <= entry.edge_bytes <= budget
-        assert entry.recomputed > 0 and entry.step_seconds > cache.base_step_seconds
+        assert entry.recomputed > 0 or entry.plan.compressed  # compression is on
+        assert entry.step_seconds > cache.base_step_seconds
     assert cache.lookup(int(0.81 * keep_all)) is cache.lookup(int(0.82 * keep_all))
     assert cache.solves - solves <= 2
+    # compression is on, with its pack/unpack seconds analytic (runs repeat exactly)
+    assert cache.planner_keywords()["compress"] is True
+    assert cache.planner_keywords()["min_bits"] == 4
+    assert cache.analysis.costs.compress, "the tiny model has compressible activations"
+    for item in cache.analysis.costs.compress:
+        for option, packed in item.packed_bytes.items():
+            factor = COMPRESS_WORK_FACTOR["mixed" if option.startswith("mixed") else "uniform"]
+            expected = factor * (4 * math.prod(item.shape) + packed) / cache.flops_per_second
+            assert item.pack_seconds[option] == item.unpack_seconds[option] == expected
     tiny = cache.lookup(int(0.1 * keep_all))
     assert isinstance(tiny, Infeasible) and tiny.smallest_bytes > 0.1 * keep_all
     with pytest.raises(ValueError, match="bucket_fraction"):
@@ -196,17 +207,17 @@ def test_deadline_drops_stragglers(federation):
 
 def test_resume_reaches_the_same_weights(federation, tmp_path):
     fed = with_config(federation, selector="fedhybrid")
-    whole = run(fed, rounds=4)
+    whole = run(fed, rounds=3)
     first = run(fed, rounds=2, out_dir=tmp_path)
     assert (tmp_path / "state.npz").is_file() and not list(tmp_path.glob(".state.*"))
-    resumed = Server(with_config(fed, rounds=4), out_dir=tmp_path)
+    resumed = Server(with_config(fed, rounds=3), out_dir=tmp_path)
     resumed.load_state(*Server.read_state(tmp_path))
     assert resumed.round == 2 and resumed.selector.state_dict() == first.selector.state_dict()
     resumed.run()
     assert resumed.history == whole.history
     for name in whole.weights:
         assert np.array_equal(resumed.weights[name], whole.weights[name])
-    other = Server(with_config(fed, rounds=4, lr=0.1), out_dir=tmp_path)
+    other = Server(with_config(fed, rounds=3, lr=0.1), out_dir=tmp_path)
     with pytest.raises(BadInputError, match="lr differ"):
         other.load_state(*Server.read_state(tmp_path))
     with pytest.raises(BadInputError, match="no server state"):
@@ -239,23 +250,60 @@ def test_config_errors():
     assert SimConfig.from_json(SimConfig(seed=3).to_json()) == SimConfig(seed=3)
 
 
-def test_cli_simulate_json_and_errors(federation, tmp_path):
+def test_cli_simulate_json_and_errors(federation, tmp_path, capsys):
+    # in-process (``fedplan.cli.main``), not a subprocess: a second interpreter would
+    # import torch and trace the model again for the same check
+    from fedplan.cli import main
     model = federation.config.model
-    cmd = [sys.executable, "-m", "fedplan", "fl", "simulate", "--model", model, "--dataset",
-           "digits", "--clients", "6", "--rounds", "2", "--per-round", "2", "--tiers",
-           FRACTIONS, "--epochs", "1", "--selector", "fedhybrid", "--out", str(tmp_path),
-           "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    # budgets all above keep-all: the set-up solves one plan, not one per bucket (the
+    # plan buckets are the other tests' subject)
+    args = ["fl", "simulate", "--model", model, "--dataset", "digits", "--clients", "4",
+            "--rounds", "2", "--per-round", "2", "--tiers", "1.2", "--epochs", "1",
+            "--selector", "fedhybrid", "--out", str(tmp_path), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
     for key in ("final_accuracy", "rounds", "simulated_seconds", "budget_violations"):
         assert key in result
     assert result["rounds"] == 2 and result["budget_violations"] == 0
     for name in ("state.npz", "metrics.csv", "result.json", "accuracy.png"):
         assert (tmp_path / name).is_file()
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
-    bad = subprocess.run([sys.executable, "-m", "fedplan", "fl", "simulate", "--selector",
-                          "best", "--model", model, "--dataset", "digits"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("fedplan: error: unknown selector")
+    assert main(["fl", "simulate", "--selector", "best", "--model", model, "--dataset",
+                 "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("fedplan: error: unknown selector")
+    # the console script is wired to the same entry point
+    done = subprocess.run([sys.executable, "-m", "fedplan", "fl", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "simulate" in done.stdout
+
+
+def test_plan_cache_survives_solver_errors(federation, monkeypatch):
+    """A bucket whose solve raises falls back to greedy, then to infeasible; never raises."""
+    cache = federation.cache
+    keep_all = cache.keep_all_bytes
+    real = cache._solve
+
+    def ilp_broken(budget_bytes, **overrides):
+        if overrides.get("solver") != "greedy":
+            raise fedplan.SolverError("simulated peak above its target: this is a bug")
+        return real(budget_bytes, **overrides)
+
+    monkeypatch.setattr(cache, "_solve", ilp_broken)
+    budget = int(0.86 * keep_all)  # a bucket (6) no client and no other test uses
+    entry = cache.lookup(budget)
+    assert isinstance(entry, CachedPlan)
+    assert not entry.plan.compressed and entry.recomputed > 0  # greedy: recompute only
+    assert entry.measured_peak_bytes <= budget
+    assert cache.failures[-1]["bucket"] == cache.bucket_of(budget)
+    assert cache.failures[-1]["error"].startswith("SolverError: simulated peak")
+
+    def all_broken(budget_bytes, **overrides):
+        raise RuntimeError(f"solver {overrides.get('solver', 'ilp')} crashed")
+
+    monkeypatch.setattr(cache, "_solve", all_broken)
+    dead = cache.lookup(int(0.7 * keep_all))  # bucket 12, unused elsewhere
+    assert isinstance(dead, Infeasible) and "solver greedy crashed" in dead.reason
+    assert [f["solver"] for f in cache.failures[-2:]] == ["ilp", "greedy"]
+    assert cache.lookup(int(0.7 * keep_all)) is dead  # cached: not solved again
+    assert cache.stats()["failures"][-1]["solver"] == "greedy"

@@ -1,1 +1,0 @@
-"""Model files (the README's model-file contract) used by the FL experiments."""
