@@ -9,7 +9,8 @@ measured in the same process, right after, with the same batch: measured peak (p
 memory events), median step time over ``--steps`` steps after a warm-up, and the largest
 gradient difference against keep-all. Then, for each baseline (``sqrt``, ``all``) that
 fits somewhere, the ILP is given the baseline's own predicted peak as budget, so the two
-compare at equal memory. Prints markdown tables.
+compare at equal memory. Prints markdown tables. Recompute only (``compress=False``):
+compression has its own benchmark, ``bench_compress.py``.
 """
 
 from __future__ import annotations
@@ -65,15 +66,16 @@ def main(argv=None) -> int:
         spec = load_model_file(path)
         base = spec.build()
         inputs, targets = spec.batch(spec.default_batch_size)
-        analysis = fedplan.analyze(base, inputs, targets, loss_fn=spec.loss_fn)
+        analysis = fedplan.analyze(base, inputs, targets, loss_fn=spec.loss_fn,
+                                   compress=False)
         keep_all = simulate(analysis.graph, analysis.costs).peak_bytes
         floor = fixed_floor(analysis.costs)
         keep_step = fedplan.measure(copy.deepcopy(base), inputs, targets, loss_fn=spec.loss_fn,
                                     steps=args.steps)
         budgets = [(f"{f:g}", int(floor + f * (keep_all - floor))) for f in fractions]
         try:
-            fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn, budget=floor + 1,
-                         analysis=analysis)
+            fedplan.plan(base, inputs, targets, compress=False, loss_fn=spec.loss_fn,
+                         budget=floor + 1, analysis=analysis)
         except fedplan.BudgetInfeasibleError as exc:
             if exc.smallest_bytes:
                 smallest = int(exc.smallest_bytes * 1.011) + 65536  # room for the margin
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
                        "keep_all_step": keep_step.step_seconds}
                 start = time.perf_counter()
                 try:
-                    plan, _ = fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn,
+                    plan, _ = fedplan.plan(base, inputs, targets, compress=False,
+                                           loss_fn=spec.loss_fn,
                                            budget=budget, solver=solver, analysis=analysis)
                 except fedplan.FedplanError as exc:
                     row["error"] = str(exc).split(";")[0][:90]
@@ -105,11 +108,13 @@ def main(argv=None) -> int:
         # equal-memory comparison: the ILP at each baseline's own peak
         for baseline in ("sqrt", "all"):
             try:
-                plan_b, _ = fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn,
+                plan_b, _ = fedplan.plan(base, inputs, targets, compress=False,
+                                         loss_fn=spec.loss_fn,
                                          budget=keep_all * 2, solver=baseline,
                                          analysis=analysis)
                 # the baseline's plan, however large the budget: re-solve at its peak
-                plan_b, _ = fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn,
+                plan_b, _ = fedplan.plan(base, inputs, targets, compress=False,
+                                         loss_fn=spec.loss_fn,
                                          budget=plan_b.predicted_peak_bytes + 65536,
                                          solver=baseline, analysis=analysis)
             except fedplan.FedplanError as exc:
@@ -122,7 +127,8 @@ def main(argv=None) -> int:
             equal = int((plan_b.predicted_peak_bytes + options.safety_bytes
                          - options.safety_fraction * floor) / (1 - options.safety_fraction))
             try:
-                plan_i, _ = fedplan.plan(base, inputs, targets, loss_fn=spec.loss_fn,
+                plan_i, _ = fedplan.plan(base, inputs, targets, compress=False,
+                                         loss_fn=spec.loss_fn,
                                          budget=equal, solver="ilp", analysis=analysis)
             except fedplan.FedplanError as exc:
                 compare.append({"model": spec.name, "baseline": baseline,

@@ -72,6 +72,7 @@ class CpSatModel:
         saving: dict[str, list] = {}
         forward_delta = [[] for _ in range(n + 2)]   # packed copy from producer to end_read
         backward_delta = [[] for _ in range(n + 2)]  # unpacked again up to its last use
+        region_fresh = [[] for _ in range(n + 2)]    # unpacked for a region's replay
         compress_micros = []
         for item in facts.compress:
             held = h[item.key]
@@ -94,6 +95,8 @@ class CpSatModel:
                 backward_delta[item.producer].append((size[item.key], var))
                 backward_delta[item.last_use + 1].append((-size[item.key], var))
                 compress_micros.append((int(round(micros)), var))
+                for reader in item.readers:  # a recomputed reader's region unpacks it
+                    region_fresh[reader].append((size[item.key], var))
             if literals:
                 unit = [self.r[item.unit]] if item.unit is not None else []
                 model.Add(sum(literals + unit) <= 1)
@@ -165,8 +168,9 @@ class CpSatModel:
                 a_previous = t_previous = None
                 model.Add(fixed + prefix + base + _up(facts.backward_extra[i]) <= budget)
                 continue
-            a = model.NewIntVar(0, total, f"a_{i}")
-            fresh = sum(size[key] * (1 - h[key]) for key in facts.produced[i])
+            a = model.NewIntVar(0, 2 * total, f"a_{i}")
+            fresh = sum(size[key] * (1 - h[key]) for key in facts.produced[i]) + sum(
+                k * v for k, v in region_fresh[i])
             model.Add(a >= (a_previous if a_previous is not None else 0) + fresh
                       ).OnlyEnforceIf(r)  # a region's re-made bytes accumulate
             model.Add(a == 0).OnlyEnforceIf(r.Not())

@@ -128,6 +128,7 @@ class CompressItem:
     end_read: int
     last_use: int                     # ... and last saved or read by anyone
     options: tuple[tuple[str, float, float, float], ...]  # (name, packed KiB, us, error)
+    readers: tuple[int, ...] = ()     # positions of the nodes that read it in forward
 
 
 def coarse_units(graph: PlanGraph, costs: CostModel, max_units: int) -> dict[str, int]:
@@ -314,7 +315,8 @@ def _compress_items(costs, options, unit_of, position, sizes, producer, end_read
                         and cost.packed_bytes[name] < costs.storage[key].nbytes)
         if choices:
             items.append(CompressItem(cost.node, key, unit_of.get(cost.node),
-                                      producer[key], end_read[key], max(uses), choices))
+                                      producer[key], end_read[key], max(uses), choices,
+                                      tuple(sorted({r for _, r in readers[key]}))))
     return items
 
 
@@ -381,6 +383,7 @@ class _Model:
         saving: dict[str, list] = {}
         forward_delta = [[] for _ in range(n + 2)]
         backward_delta = [[] for _ in range(n + 2)]
+        region_fresh = [[] for _ in range(n + 2)]
         compress_ms = []
         for item in facts.compress:
             held = h[item.key]
@@ -400,6 +403,8 @@ class _Model:
                 backward_delta[item.producer].append((full, var))  # next to the packed
                 backward_delta[item.last_use + 1].append((-full, var))
                 compress_ms.append((micros / 1e3, var))
+                for reader in item.readers:  # a recomputed reader's region unpacks it
+                    region_fresh[reader].append((full, var))
             if literals:
                 unit = [self.r[item.unit]] if item.unit is not None else []
                 solver.Add(solver.Sum(literals + unit) <= 1)
@@ -480,8 +485,11 @@ class _Model:
                 base = a_previous if a_previous is not None else 0
                 fresh = [facts.size[key] * (1 - h[key]) for key in facts.produced[i]]
                 # (when r is 0 the fresh terms are 0 already: the saver is kept, h = 1)
+                # a compressed input of the region is unpacked when it is recomputed
+                fresh += [k * v for k, v in region_fresh[i]]
                 solver.Add(a >= base + solver.Sum(fresh) - a_bound * (1 - r))
                 a_bound += sum(facts.size[key] for key in facts.produced[i])
+                a_bound += sum(k for k, _ in region_fresh[i])
                 # tau: the largest forward temporary of the region so far
                 tau = solver.NumVar(0, infinity, f"tau_{i}")
                 solver.Add(tau >= temps[i] * r)
