@@ -202,9 +202,9 @@ def _run_status(dep: Deployment, run_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def federation_run(tmp_path_factory):
-    """Start the deployment, run the app once (killing one node mid-round 1), and return
-    what the run left behind, with the embedded federation it mirrors."""
+def embedded(tmp_path_factory):
+    """The embedded twin of the Flower federation (same model, data, seed, budgets): its
+    shuffled fraction assignment decides which partition plays which role."""
     if "digits" not in data.available_datasets():
         pytest.skip("scikit-learn (digits) is not installed: pip install scikit-learn")
     from fedplan.fl.server import SimConfig, build_federation
@@ -212,10 +212,6 @@ def federation_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("flwr")
     model = root / "tiny.py"
     model.write_text(TINY_MODEL)
-    out_dir = root / "out"
-    timings: dict[str, float] = {}
-
-    # the embedded twin: its shuffled fraction assignment decides which partition is which
     start = time.monotonic()
     fractions = sorted(set(ROLES.values()))
     sim = SimConfig(model=str(model), dataset="digits", num_clients=len(ROLES), rounds=2,
@@ -223,11 +219,21 @@ def federation_run(tmp_path_factory):
                     tiers=",".join(f"{f:g}" for f in fractions + [1.2]), epochs=1, lr=0.05,
                     seed=0)
     fed = build_federation(sim)
-    timings["embedded_setup_s"] = time.monotonic() - start
     free = {f"f{f:g}": [] for f in fractions}
     for cid, device in enumerate(fed.devices):
         free[device.tier].append(cid)
     roles = {role: free[f"f{fraction:g}"].pop(0) for role, fraction in ROLES.items()}
+    return {"root": root, "model": model, "fed": fed, "roles": roles,
+            "setup_s": time.monotonic() - start}
+
+
+@pytest.fixture(scope="module")
+def federation_run(embedded):
+    """Start the deployment, run the app once (killing one node mid-round 1), and return
+    what the run left behind, with the embedded federation it mirrors."""
+    root, model, fed, roles = (embedded[k] for k in ("root", "model", "fed", "roles"))
+    out_dir = root / "out"
+    timings: dict[str, float] = {"embedded_setup_s": embedded["setup_s"]}
 
     dep = Deployment(root)
     try:
@@ -459,3 +465,95 @@ def test_flower_app_folder_names_the_apps():
     import tomllib
     declared = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(FlowerRunConfig().to_json())
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class _KnownNodesOnly:
+    """Stands in for the SuperLink's node list in a unit test of the strategy's hooks (the
+    end-to-end test above runs them against a real SuperLink): no new nodes to query."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def test_strategy_sends_one_message_per_node_and_validates_replies(embedded, monkeypatch):
+    from flwr.app import ConfigRecord, Error, Message
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Flower 1.41 stamps a new message with the identity of the task process it runs in
+    # (set when a ServerApp process starts); this test calls the hooks in pytest's process
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from fedplan.fl.flower.nodes import NodeRegistry
+    from fedplan.fl.flower.records import arrays_to_record
+    from fedplan.fl.flower.strategy import FedPlanStrategy
+    from fedplan.fl.messages import state_to_arrays
+    from fedplan.fl.selectors import make_selector
+
+    spec, cache = embedded["fed"].spec, embedded["fed"].cache
+    events = []
+    registry = NodeRegistry(cache, batch_size=8, epochs=1,
+                            log=lambda kind, fields: events.append((kind, fields)))
+    fractions = {11: 0.75, 22: 1.2, 33: 1.2, 44: 1.2, 55: 1.2}
+    for cid, (node_id, fraction) in enumerate(fractions.items()):
+        registry.register(node_id, NodeSpec(partition_id=cid, num_partitions=5,
+                                            budget_fraction=fraction), num_samples=40)
+    with pytest.raises(BadInputError, match="already held"):
+        registry.register(99, NodeSpec(partition_id=0, num_partitions=5, budget_bytes=10**9),
+                          num_samples=40)
+    config = FlowerRunConfig(clients_per_round=5, selector="random", round_timeout=5.0)
+    strategy = FedPlanStrategy(config=config, registry=registry, batch_size=8,
+                               selector=make_selector("random",
+                                                      keep_all_bytes=cache.keep_all_bytes),
+                               log=lambda kind, fields: events.append((kind, fields)))
+    weights = state_to_arrays(spec.build().state_dict())
+    messages = list(strategy.configure_train(1, arrays_to_record(weights), ConfigRecord(),
+                                             _KnownNodesOnly(fractions)))
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(fractions)
+    contents = [m.content for m in messages]
+    assert len({id(c) for c in contents}) == len({id(c["arrays"]) for c in contents}) \
+        == len({id(c["config"]) for c in contents}) == 5  # nothing shared between nodes
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    digests = {n: by_node[n].content["config"]["plan-digest"] for n in fractions}
+    assert digests[11] != digests[22] == digests[33]
+    assert json.loads(by_node[11].content["config"]["plan"])["budget_bytes"] <= \
+        registry.nodes[0].budget_bytes
+
+    def reply(node_id, *, digest=None, peak=None, weights_=None):
+        instruction, sent = instruction_from_content(by_node[node_id].content)
+        answer = ClientReply(round=0, client_id=instruction.client_id,
+                             weights=weights_ or {k: v + 1 if v.dtype.kind == "f" else v
+                                                  for k, v in weights.items()},
+                             num_samples=40, steps=5, loss_sum=1.0, loss_sq_sum=1.0,
+                             loss_count=40, measured_peak_bytes=peak or 1000,
+                             budget_bytes=instruction.budget_bytes, train_seconds=0.1)
+        return Message(reply_to_content(answer, digest or sent, "k"),
+                       reply_to=by_node[node_id])
+
+    replies = [
+        reply(11),                                                     # accepted
+        reply(22, digest="0" * 16),                                    # another plan
+        reply(33, peak=registry.nodes[2].budget_bytes + 1),            # over budget
+        Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"),
+                reply_to=by_node[44]),                                 # the app raised
+        Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="gone"),
+                reply_to=by_node[55]),                                 # the node is gone
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    rnd = strategy.history[-1]
+    assert rnd["participants"] == [0] and metrics["participants"] == 1
+    reasons = {x["client_id"]: x["reason"] for x in rnd["rejected"]}
+    assert "plan digest" in reasons[1] and "over budget" in reasons[2] \
+        and "boom" in reasons[3]
+    assert [x["client_id"] for x in rnd["no_reply"]] == [4]
+    assert registry.nodes[4].online is False and registry.nodes[3].online is True
+    new = {k: v.numpy() for k, v in arrays.items()}
+    np.testing.assert_array_equal(new["stem.weight"], weights["stem.weight"] + 1)
+    assert not [e for e in events if e[0] == "ignored"]

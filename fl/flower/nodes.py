@@ -110,7 +110,8 @@ class NodeRegistry:
         replied = set()
         for reply in grid.send_and_receive(messages, timeout=timeout):
             # the pushed messages now carry their ids; a reply names the one it answers
-            ids = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+            ids = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                   if m.metadata.message_id}
             nid = ids.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             replied.add(nid)
             if reply.has_error():
@@ -122,7 +123,7 @@ class NodeRegistry:
                 if num_samples < 1:
                     raise BadInputError(f"node holds {num_samples} samples")
                 spec = NodeSpec.from_node_config(info)
-                added.append(self._register(nid, spec, num_samples))
+                added.append(self.register(nid, spec, num_samples))
             except (BadInputError, KeyError, TypeError, ValueError) as exc:
                 self.log("refused", {"node_id": nid, "reason": f"{type(exc).__name__}: {exc}"})
         for nid in set(fresh) - replied:
@@ -130,7 +131,9 @@ class NodeRegistry:
                                       "reason": f"no reply within {timeout} s"})
         return added
 
-    def _register(self, node_id: int, spec: NodeSpec, num_samples: int) -> KnownNode:
+    def register(self, node_id: int, spec: NodeSpec, num_samples: int) -> KnownNode:
+        """Plan for a node that answered the query (raises BadInputError to refuse it)."""
+        self.seen.add(node_id)
         if self.num_partitions is None:
             self.num_partitions = spec.num_partitions
         elif spec.num_partitions != self.num_partitions:

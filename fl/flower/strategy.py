@@ -122,7 +122,8 @@ class FedPlanStrategy(Strategy):
         """The node a reply answers for. Flower sets each message's id when it pushes it;
         a reply names that id, and an error reply the SuperLink writes itself (node gone)
         carries the SuperLink's node id as its source, not the node's."""
-        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox}
+        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox
+               if m.metadata.message_id}
         return ids.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _reject(self, server_round: int, cid: int, node_id: int, reason: str) -> None:
