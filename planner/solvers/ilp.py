@@ -36,6 +36,7 @@ from ..compression import allowed_options
 from ..cost import LOSS, CostModel
 from ..errors import SolverError
 from ..ir import PlanGraph
+from ..simulate import simulate
 from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
 from ._cpsat import CpSatModel
 
@@ -554,6 +555,43 @@ class _Model:
         return state, decisions, objective.Value() / 1e3, objective.BestBound() / 1e3
 
 
+def polish(graph: PlanGraph, costs: CostModel, decisions: dict[str, str], budget_bytes: int,
+           *, max_simulations: int = 60) -> dict[str, str]:
+    """Give decisions back to ``keep`` while the exact simulator says the plan still fits.
+
+    The ILP's memory model is an upper bound of the simulator's, so its optimum can
+    recompute or compress what the budget does not need. Units are tried most expensive
+    first (a tied unit changes as a whole); at most ``max_simulations`` simulator runs.
+    """
+    space = plan_space(graph, costs)
+    by_node = {item.node: item for item in costs.compress}
+
+    def cost(name: str) -> float:
+        decision = decisions.get(name, "keep")
+        if decision == "recompute":
+            return costs.node[name].forward_seconds
+        if decision.startswith("compress:") and name in by_node:
+            return by_node[name].seconds(decision.split(":", 1)[1])
+        return 0.0
+
+    changes = []  # (seconds saved, names set to keep)
+    for group in space.groups:
+        if all(decisions.get(n) == "recompute" for n in group):
+            changes.append((sum(cost(n) for n in group), list(group)))
+        for name in group:
+            if decisions.get(name, "").startswith("compress:"):
+                changes.append((cost(name), [name]))
+    changes.sort(key=lambda item: -item[0])
+    current = dict(decisions)
+    for _, names in changes[:max_simulations]:
+        trial = dict(current)
+        for name in names:
+            trial[name] = "keep"
+        if simulate(graph, costs, trial).peak_bytes <= budget_bytes:
+            current = trial
+    return current
+
+
 def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
            options: SolverOptions):
     if options.backend == "CP_SAT":
@@ -596,6 +634,13 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                      f"(above {MAX_UNITS}); optimal within the coarse space only")
     built = time.perf_counter() - start
     if state in ("optimal", "feasible"):
+        polished = polish(graph, costs, decisions, budget_bytes)
+        if polished != decisions:
+            notes.append(f"the simulator showed the ILP's upper-bound memory model too "
+                         f"cautious: {sum(polished[n] != decisions[n] for n in polished)} "
+                         f"decisions given back to keep")
+            decisions = polished
+            objective = overhead_seconds(costs, decisions)
         if warm and overhead_seconds(costs, warm) < overhead_seconds(costs, decisions):
             # the ILP's memory model is an upper bound; the greedy, judged by the exact
             # simulator, can fit a cheaper plan than the ILP proves optimal for its model
