@@ -68,6 +68,20 @@ def time_to(history: list[dict], accuracy: float) -> float:
     return math.inf
 
 
+def code_version() -> str:
+    """The commit the run used, marked dirty if the planner's source differs from it."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "planner", "runtime",
+                                "kernels", "fedplan", "fl", "examples"], cwd=ROOT, text=True,
+                               capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (dirty)" if dirty else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -77,6 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    version = code_version()
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(SETTINGS)))) as pool:
         futures = [pool.submit(run_setting, s, args.rounds, args.out, args.seed)
                    for s in SETTINGS]
@@ -107,7 +122,8 @@ def main(argv=None) -> int:
           f"{fed['clients_below_keep_all']}; without any plan {fed['clients_without_plan']}; "
           f"tiers {fed['tiers']}; plan cache {fed['plan_cache']}; set-up wall s {setups}; "
           f"total wall {wall:.0f} s with {args.jobs} jobs; total CPU s "
-          f"{sum(r['cpu_seconds'] for r in results) + sum(setup_cpu.values()):.0f}")
+          f"{sum(r['cpu_seconds'] for r in results) + sum(setup_cpu.values()):.0f}; "
+          f"code {version}")
     summary = [{k: v for k, v in r.items() if k not in ("history", "events")}
                for r in results]
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
