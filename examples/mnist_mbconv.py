@@ -14,9 +14,10 @@ bottleneck: a stride-2 stem to 14x14, then four blocks that expand 16 channels t
 Each block saves two 64-channel tensors but its boundary is one 16-channel tensor, so a
 recomputed block frees about eight times what it keeps. Measured here at batch 16 with
 SGD: keep-all peak 10,075,576 B predicted (10,075,584 B measured), smallest planned peak
-4,883,512 B (0.48 of keep-all) with recomputation alone, 4,714,072 B (0.47) with
-compression (4-bit codes at least) as well. 19,082 parameters; 78 % accuracy on 500 mnist5k test
-images after 100 centralised steps (batch 16, SGD lr 0.05, momentum 0.9).
+4,883,512 B (0.48 of keep-all) with recomputation alone, 4,879,736 B (0.48) with
+compression (4-bit codes at least) as well (planner at commit 6aac8f7). 19,082
+parameters; 78 % accuracy on 500 mnist5k test images after 100 centralised steps (batch
+16, SGD lr 0.05, momentum 0.9).
 """
 
 import torch
