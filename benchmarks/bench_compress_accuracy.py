@@ -35,7 +35,7 @@ from fedplan.modelfile import load_model_file
 from fedplan.planner.candidates import plan_space
 from fedplan.planner.compression import eligible
 from fedplan.planner.simulate import simulate
-from fedplan.planner.solvers import SolverOptions, minimum_peak
+from fedplan.planner.solvers import SolverOptions, last_readers, minimum_peak
 
 FORCED = ("8", "4", "2", "mixed4", "mixed3")
 
@@ -50,7 +50,8 @@ def forced_plan(base_plan, analysis, option):
     peak = simulate(analysis.graph, analysis.costs, decisions).peak_bytes
     return replace(base_plan, decisions=tuple(decisions.items()), predicted_peak_bytes=peak,
                    solver=f"all-{option}",
-                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n))
+                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n),
+                   unpin_after=last_readers(analysis.graph, analysis.costs, decisions))
 
 
 def train(spec, base, plan, data, args):
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plans", default="keep,8,4,2,mixed4,mixed3,planner",
+                        help="comma-separated subset of keep, 8, 4, 2, mixed4, mixed3, planner")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     data = load_dataset(args.dataset)
@@ -126,7 +129,10 @@ def main(argv=None) -> int:
         except fedplan.FedplanError as exc:
             note = "error: " + str(exc).split(";")[0][:100]
         keep_peak = simulate(analysis.graph, analysis.costs).peak_bytes
+        wanted = args.plans.split(",")
         for name, plan in plans.items():
+            if name not in wanted:
+                continue
             start = time.perf_counter()
             accuracy = train(spec, base, plan, data, args)
             row = {"model": spec.name, "plan": name, "accuracy": accuracy,
@@ -151,8 +157,10 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     keep = {r["model"]: r["accuracy"] for r in rows if r["plan"] == "keep"}
     for r in rows:
+        delta = (f"{100 * (r['accuracy'] - keep[r['model']]):+.2f}" if r["model"] in keep
+                 else "-")
         print(f"| {r['model']} | {r['plan']} | {100 * r['accuracy']:.2f}% | "
-              f"{100 * (r['accuracy'] - keep[r['model']]):+.2f} | {r['grad_rel_error']:.3g} | "
+              f"{delta} | {r['grad_rel_error']:.3g} | "
               f"{r['predicted_peak'] / r['keep_all_peak']:.3f} | {r['note']} |")
     return 0
 

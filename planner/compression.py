@@ -197,6 +197,20 @@ def compress_error(costs: CostModel, decisions: Mapping[str, str]) -> float:
                if option_of(d) is not None and name in by_node)
 
 
+def storage_order(tensor: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` with its dims permuted so that it is contiguous (its storage's order).
+
+    A dense output such as a transposed attention result is packed in the order of its
+    storage, so every view of the storage can be rebuilt from the unpacked copy with its
+    own strides. None when no permutation makes it contiguous (a strided slice).
+    """
+    if tensor.is_contiguous():
+        return tensor
+    order = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), -tensor.size(d)))
+    permuted = tensor.permute(order)
+    return permuted if permuted.is_contiguous() else None
+
+
 class _Capture(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]):
         super().__init__(gm)
@@ -244,7 +258,9 @@ def measure_compression(graph_module: torch.fx.GraphModule, graph: PlanGraph,
         x = capture.captured.get(name)
         if x is None or not x.is_floating_point():
             continue
-        x = x.contiguous()
+        x = storage_order(x)  # packed in the order of its storage, as the runtime does
+        if x is None:
+            continue
         norm = float(x.double().pow(2).sum()) or 1.0
         packed, pack_s, unpack_s, error = {}, {}, {}, {}
         for option_name in options:

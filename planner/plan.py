@@ -50,6 +50,8 @@ class Plan:
     # compressed node -> the node after which its storage is packed (the last node of its
     # decision unit, so that in-place ops tied to it have run); absent: the node itself
     pack_after: tuple[tuple[str, str], ...] = ()
+    # compressed node -> the last node that reads its storage in forward (runtime.compress)
+    unpin_after: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def decision_map(self) -> dict[str, str]:
@@ -92,6 +94,7 @@ class Plan:
         data["breakdown"] = dict(self.breakdown)
         data["notes"] = list(self.notes)
         data["pack_after"] = dict(self.pack_after)
+        data["unpin_after"] = dict(self.unpin_after)
         data.pop("decision_map", None)
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -124,7 +127,9 @@ class Plan:
                 breakdown={str(k): int(v) for k, v in dict(data.get("breakdown", {})).items()},
                 notes=tuple(str(n) for n in data.get("notes", ())),
                 pack_after=tuple((str(k), str(v))
-                                 for k, v in dict(data.get("pack_after", {})).items()))
+                                 for k, v in dict(data.get("pack_after", {})).items()),
+                unpin_after=tuple((str(k), str(v))
+                                  for k, v in dict(data.get("unpin_after", {})).items()))
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BadInputError(f"{source}: not a valid fedplan plan ({missing}); re-run "

@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from fedplan.kernels import dequantize, quantize
-from fedplan.planner.compression import option_of
+from fedplan.planner.compression import option_of, storage_order
 
 _ACTIVE = threading.local()
 
@@ -91,20 +91,24 @@ class _Saved:
 
 
 class _Mark:
+    """A compressed storage, pinned from its mark until its last forward reader.
+
+    While pinned, the session holds the marked tensor (forward needs it until then anyway),
+    so its storage cannot be freed and its address cannot be taken by another tensor:
+    looking saved tensors up by address is safe. ``unpin`` drops the entry.
+    """
+
     __slots__ = ("tensor", "option", "storage")
 
     def __init__(self, tensor: torch.Tensor, option):
-        self.tensor = weakref.ref(tensor)   # dead: the storage may be gone, its address reused
+        self.tensor = tensor
         self.option = option
         self.storage = None                 # weakref to the _PackedStorage, once made
 
-    def packed(self) -> _PackedStorage | None:
-        base = self.tensor()
-        if base is None:  # the marked tensor is gone: its address may hold another now
-            return None
+    def packed(self) -> _PackedStorage:
         storage = self.storage() if self.storage is not None else None
         if storage is None:
-            storage = _PackedStorage(base.detach(), self.option)
+            storage = _PackedStorage(self.tensor.detach(), self.option)
             self.storage = weakref.ref(storage)
         return storage
 
@@ -115,6 +119,7 @@ class CompressionSession:
     def __init__(self, param_keys: set[int]):
         self.param_keys = param_keys
         self.marked: dict[int, _Mark] = {}
+        self.pinned: dict[str, int] = {}    # compressed node -> its storage's address
         self.pending: dict[int, list[_Saved]] = {}
         self.skipped: list[str] = []
 
@@ -128,11 +133,8 @@ class CompressionSession:
         saved = _Saved(tensor)
         mark = self.marked.get(key)
         if mark is not None:
-            storage = mark.packed()
-            if storage is not None:
-                saved.attach(storage)
-                return saved
-            del self.marked[key]  # stale: that storage is gone
+            saved.attach(mark.packed())
+            return saved
         self.pending.setdefault(key, []).append(saved)
         return saved
 
@@ -146,22 +148,30 @@ class CompressionSession:
             return
         key = _storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
-        whole = (tensor.is_contiguous() and tensor.storage_offset() == 0
-                 and tensor.numel() * tensor.element_size() == nbytes)
-        if not whole:  # not the owner of its storage: leave it uncompressed
-            self.skipped.append(node)
+        base = storage_order(tensor)
+        if (base is None or tensor.storage_offset() != 0
+                or tensor.numel() * tensor.element_size() != nbytes):
+            self.skipped.append(node)  # not the whole of its storage: leave it as is
             return
-        mark = _Mark(tensor, option_of(f"compress:{option_name}"))
+        mark = _Mark(base, option_of(f"compress:{option_name}"))
         self.marked[key] = mark
+        self.pinned[node] = key
         pending = self.pending.pop(key, [])
         if pending:
             storage = mark.packed()
             for saved in pending:
                 saved.attach(storage)
 
+    def unpin(self, node: str) -> None:
+        """After the last forward reader of ``node``'s storage: forget it (see _Mark)."""
+        key = self.pinned.pop(node, None)
+        if key is not None:
+            self.marked.pop(key, None)
+
     def close(self) -> None:
         """After the forward: drop every reference the session itself holds."""
         self.marked.clear()
+        self.pinned.clear()
         self.pending.clear()
 
 
@@ -173,22 +183,40 @@ def _mark(tensor, option_name: str, node: str):
 
 
 
+def _unpin(node: str):
+    session = getattr(_ACTIVE, "session", None)
+    if session is not None:
+        session.unpin(node)
+    return None
+
+
 def insert_marks(graph_module: torch.fx.GraphModule, decisions: Mapping[str, str],
-                 units: Mapping[str, str] | None = None) -> int:
-    """Add a ``_mark`` call for every compressed node; returns how many were added.
+                 units: Mapping[str, str] | None = None,
+                 last_readers: Mapping[str, str] | None = None) -> int:
+    """Add ``_mark`` and ``_unpin`` calls for every compressed node; returns the marks.
 
     ``units`` maps a node to the node after which its mark goes (the last node of its
-    decision unit); by default the mark follows the node itself.
+    decision unit); by default the mark follows the node itself. ``last_readers`` maps it
+    to the last node that reads its storage in forward, after which it is unpinned (by
+    default: the end of the forward).
     """
     graph = graph_module.graph
     by_name = {node.name: node for node in graph.nodes}
+    position = {node.name: i for i, node in enumerate(graph.nodes)}
     count = 0
+    marks = []
     for name, decision in decisions.items():
         option = option_of(decision)
         if option is None or name not in by_name:
             continue
-        after = by_name[(units or {}).get(name, name)]
-        with graph.inserting_after(after):
+        after = (units or {}).get(name, name)
+        unpin_after = (last_readers or {}).get(name)
+        if unpin_after in position and position[unpin_after] >= position[after]:
+            with graph.inserting_after(by_name[unpin_after]):
+                graph.call_function(_unpin, (name,))
+        marks.append((after, name, option))
+    for after, name, option in marks:  # after the unpins: at the same node, marks go first
+        with graph.inserting_after(by_name[after]):
             graph.call_function(_mark, (by_name[name], option.name, name))
         count += 1
     if count:

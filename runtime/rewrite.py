@@ -93,8 +93,8 @@ def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, st
         if node.op not in COMPUTE_OPS:
             continue
         if node.name not in decisions and last is not None and node.op == "call_function" \
-                and getattr(node.target, "__name__", "") == "_mark":
-            partition[node.name] = current  # a compression mark: with the node before it
+                and getattr(node.target, "__name__", "") in ("_mark", "_unpin"):
+            partition[node.name] = current  # compression bookkeeping: with the node before
             continue
         kind = RECOMPUTE if decisions.get(node.name) == RECOMPUTE else "keep"
         if last is not None and kind != last:
@@ -133,7 +133,8 @@ class PlannedModule(nn.Module):
             # marks go into a copy of the graph (the caller's graph module is shared)
             graph_module = torch.fx.GraphModule(graph_module,
                                                 copy.deepcopy(graph_module.graph))
-            insert_marks(graph_module, plan.decision_map, dict(plan.pack_after))
+            insert_marks(graph_module, plan.decision_map, dict(plan.pack_after),
+                         dict(plan.unpin_after))
         program, regions = build_program(graph_module, plan.decision_map)
         # kept outside the module tree: its modules are ours already, registered above
         object.__setattr__(self, "_program", program)

@@ -17,6 +17,7 @@ from fedplan.planner.candidates import plan_space
 from fedplan.planner.compression import OPTIONS, eligible, option_of
 from fedplan.planner.plan import Plan
 from fedplan.planner.simulate import simulate
+from fedplan.planner.solvers import last_readers
 from fedplan.runtime.compress import CompressionSession, _Saved
 
 from .test_cli_profile import assert_one_line_error, run_cli
@@ -113,7 +114,8 @@ def _forced(analysis, option, names=None):
     for name in names:
         decisions[name] = f"compress:{option}"
     return replace(plan, decisions=tuple(decisions.items()),
-                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n))
+                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n),
+                   unpin_after=last_readers(analysis.graph, analysis.costs, decisions))
 
 
 def _grads(module, inputs, targets):

@@ -117,12 +117,20 @@ def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | No
     measured by the simulator. With ``options.compress`` the plan space includes
     compression down to ``options.min_bits``.
     """
+    from dataclasses import replace
+
     from .greedy import greedy_min_peak
     from .ilp import solve_min_peak
     candidates = [greedy_min_peak(graph, costs)]
-    decisions = solve_min_peak(graph, costs, _min_peak_options(options))
-    if decisions:
-        candidates.append(decisions)
+    searches = [_min_peak_options(options)]
+    if searches[0].compress and costs.compress:
+        # the space with compression contains the recompute-only one, but its larger ILP
+        # may stop at the time limit with a worse plan: search the smaller space too
+        searches.append(replace(searches[0], compress=False))
+    for search in searches:
+        decisions = solve_min_peak(graph, costs, search)
+        if decisions:
+            candidates.append(decisions)
     best = min((simulate(graph, costs, d) for d in candidates), key=lambda t: t.peak_bytes)
     return best.peak_bytes, best.breakdown
 
@@ -189,7 +197,8 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         predicted_overhead_seconds=overhead_seconds(costs, decisions),
         keep_all_peak_bytes=keep_all.peak_bytes, solver=solver, status=result.status,
         objective=result.objective, bound=result.bound, solve_seconds=seconds,
-        breakdown=timeline.breakdown, notes=result.notes, pack_after=pack_after)
+        breakdown=timeline.breakdown, notes=result.notes, pack_after=pack_after,
+        unpin_after=last_readers(graph, costs, decisions))
 
 
 def _min_peak_options(options: SolverOptions | None) -> SolverOptions:
@@ -199,6 +208,23 @@ def _min_peak_options(options: SolverOptions | None) -> SolverOptions:
     from dataclasses import replace
     return replace(base, compress=options.compress, min_bits=options.min_bits,
                    workers=options.workers, seed=options.seed)
+
+
+def last_readers(graph: PlanGraph, costs: CostModel, decisions: dict[str, str]
+                 ) -> tuple[tuple[str, str], ...]:
+    """For each compressed node, the last compute node that reads its storage in forward."""
+    storage_of = {item.node: item.storage for item in costs.compress}
+    wanted = {storage_of[name]: name for name, decision in decisions.items()
+              if option_of(decision) is not None and name in storage_of}
+    last: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        for inp in node.inputs:
+            for key in costs.node[inp].outputs if inp in costs.node else ():
+                if key in wanted:
+                    last[wanted[key]] = node.name
+    return tuple(sorted(last.items()))
 
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,

@@ -661,15 +661,26 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     if state == "model_invalid":
         raise SolverError("the ILP model is invalid (OR-Tools MODEL_INVALID); this is a bug "
                           "in fedplan, please report it with the model file")
+    reason = ("the ILP's conservative memory model has no plan" if state == "infeasible"
+              else f"{options.backend} found no plan in {options.time_limit_seconds:g} s")
     if warm:  # infeasible for the conservative model, or no solution in time
         # the warm start was a quick greedy; the full one is better and still fast
         warm = greedy_decisions(graph, costs, budget_bytes) or warm
-        reason = ("the ILP's conservative memory model has no plan" if state == "infeasible"
-                  else f"{options.backend} found no plan in {options.time_limit_seconds:g} s")
         notes.append(f"{reason}; returned the greedy plan, which the simulator accepts")
         return SolveResult(decisions=warm, status="heuristic",
                            objective=overhead_seconds(costs, warm), bound=None,
                            notes=tuple(notes))
+    if facts.compress:
+        # the greedy does not compress: start from the plan of least peak (compression
+        # included) and give back what the budget does not need, judged by the simulator
+        lowest = solve_min_peak(graph, costs, options)
+        if lowest and simulate(graph, costs, lowest).peak_bytes <= budget_bytes:
+            lowest = polish(graph, costs, lowest, budget_bytes, max_simulations=200)
+            notes.append(f"{reason}; returned the least-peak plan, polished by the "
+                         f"simulator")
+            return SolveResult(decisions=lowest, status="heuristic",
+                               objective=overhead_seconds(costs, lowest), bound=None,
+                               notes=tuple(notes))
     if state == "infeasible":
         raise infeasible(graph, costs, budget_bytes, "ilp", options)
     raise SolverError(f"{options.backend} found no plan within {options.time_limit_seconds:g} "
