@@ -108,3 +108,41 @@ def test_torch_compile_point_on_the_mnist_cnn(tmp_path):
     point = compiled[0]
     assert point["status"] == "ok", point["error"]
     assert point["measured_peak_bytes"] > 0 and point["block"] == "compile:0.5"
+
+
+def test_merge_combines_runs_and_recomputes_the_goals(quick_run, tmp_path, capsys):
+    _, out = quick_run
+    merged = tmp_path / "merged"
+    assert main(["bench", "--merge", str(out), str(out / "results.json"), "--out",
+                 str(merged), "--no-plots", "--json"]) == 0
+    data = json.loads((merged / "results.json").read_text())
+    single = json.loads((out / "results.json").read_text())
+    assert len(data["points"]) == 2 * len(single["points"])
+    assert len(data["merged_from"]) == 2 and data["merged_from"][0]["command"]
+    assert data["goals"]["ilp_gap"]["graphs"] == 2 * len(single["gaps"])
+    assert main(["bench", "--merge", str(tmp_path / "nothing"), "--out",
+                 str(merged)]) == 2
+
+
+def _point(planner, peak, overhead, budget="-"):
+    return {"model": "m", "planner": planner, "budget": budget, "status": "ok",
+            "measured_peak_bytes": peak, "predicted_peak_bytes": peak, "overhead": overhead}
+
+
+def test_goals_interpolate_fedplan_at_compile_peaks():
+    from fedplan.bench.report import goals
+
+    points = [_point("none", 100, 0.0), _point("sqrt", 70, 0.30),
+              _point("ilp", 90, 0.02, "0.8"), _point("ilp", 60, 0.20, "0.4"),
+              _point("ilp+compress", 40, 0.10, "0.4"),
+              _point("torch.compile", 75, 0.30, "0.6"),
+              _point("torch.compile", 50, 0.50, "0.25")]
+    goal = goals(points, [])
+    entry = goal["equal_peak_vs_compile"]["m"]
+    # at 75 ilp is halfway between (60, 1.20) and (90, 1.02): 1.11 against 1.30
+    assert entry["ratios"] == [pytest.approx(1.11 / 1.30)]
+    assert entry["compile_peaks_below_fedplan_range"] == 1 and not entry["met"]
+    anyplan = goal["equal_peak_vs_compile_any_plan"]["m"]
+    assert anyplan["compile_peaks_below_fedplan_range"] == 0
+    assert goal["smallest_peak_ratio"]["m"] == pytest.approx(60 / 50)
+    assert goal["smallest_peak_ratio_with_compress"]["m"] == pytest.approx(40 / 50)

@@ -25,6 +25,7 @@ QUICK_GRAPH_SIZES = ((6, 2, 0), (12, 3, 0))
 GAP_GRAPHS = tuple((layers, 2, seed) for layers in (6, 8) for seed in range(4))
 QUICK_GAP_GRAPHS = ((6, 2, 1), (6, 2, 2))
 GAP_FRACTIONS = (0.9, 0.8)
+GAP_CAP = 20_000  # simulations the exact reference may run per point
 
 
 def _fractions(text: str, flag: str) -> tuple[float, ...]:
@@ -78,6 +79,21 @@ def register(commands, parser_class) -> None:
                        help="skip the random-graph solver sweep and the exact reference")
     bench.add_argument("--quick", action="store_true",
                        help="a small run for tests: mnist_cnn, two budgets, no torch.compile")
+    bench.add_argument("--solver-only", action="store_true",
+                       help="run only the random-graph solver sweep and the exact reference "
+                            "(no model is measured)")
+    bench.add_argument("--gap-graphs", default=None, metavar="LxW,...",
+                       help="shapes of the random layered graphs held against the exact "
+                            "reference (default: 6x2,8x2)")
+    bench.add_argument("--gap-seeds", type=int, default=None, metavar="N",
+                       help="seeds 0..N-1 of every gap graph shape (default: 4)")
+    bench.add_argument("--gap-fractions", default=None, metavar="F,F,...",
+                       help="budgets of the gap points, fractions of the no-recompute peak "
+                            "(default: 0.9,0.8)")
+    bench.add_argument("--merge", nargs="+", metavar="RESULTS",
+                       help="measure nothing: combine the results.json files (or folders "
+                            "holding one) of several runs into one report in --out, goals "
+                            "recomputed over all their points")
     bench.add_argument("--json", action="store_true",
                        help="print the goals and file paths as one JSON object on stdout")
     bench.set_defaults(handler=bench_command)
@@ -178,7 +194,27 @@ def config_from_args(args: argparse.Namespace, root: Path) -> BenchConfig:
                        repeats=repeats, time_limit=args.time_limit)
 
 
-def solver_section(quick: bool, time_limit: float, advance) -> tuple[list, list]:
+def _gap_graphs(args: argparse.Namespace) -> tuple[tuple[int, int, int], ...]:
+    """(layers, width, seed) of the exact-reference points, from the --gap-* flags."""
+    if args.gap_graphs is None and args.gap_seeds is None:
+        return QUICK_GAP_GRAPHS if args.quick else GAP_GRAPHS
+    shapes = []
+    for part in (args.gap_graphs or "6x2,8x2").split(","):
+        try:
+            layers, width = (int(x) for x in part.strip().lower().split("x"))
+        except ValueError:
+            raise BadInputError(f"expected --gap-graphs as LAYERSxWIDTH,... such as "
+                                f"6x2,8x2; found {args.gap_graphs!r}") from None
+        shapes.append((layers, width))
+    seeds = 4 if args.gap_seeds is None else args.gap_seeds
+    if seeds < 1:
+        raise BadInputError(f"expected --gap-seeds >= 1; found {seeds}")
+    return tuple((layers, width, seed) for layers, width in shapes for seed in range(seeds))
+
+
+def solver_section(quick: bool, time_limit: float, advance, *,
+                   gap_graphs: tuple[tuple[int, int, int], ...] | None = None,
+                   gap_fractions: tuple[float, ...] = GAP_FRACTIONS) -> tuple[list, list]:
     from .solver_bench import gap_to_exact, layered_problem, run_solver
 
     runs, gaps = [], []
@@ -188,13 +224,66 @@ def solver_section(quick: bool, time_limit: float, advance) -> tuple[list, list]
             runs.append(run_solver(problem, 0.8, solver=solver,
                                    time_limit=time_limit).to_json())
         advance()
-    for layers, width, seed in (QUICK_GAP_GRAPHS if quick else GAP_GRAPHS):
+    if gap_graphs is None:
+        gap_graphs = QUICK_GAP_GRAPHS if quick else GAP_GRAPHS
+    for layers, width, seed in gap_graphs:
         problem = layered_problem(layers, width, seed)
-        for fraction in GAP_FRACTIONS:
-            gaps.append(gap_to_exact(problem, fraction, max_evaluations=20_000,
+        for fraction in gap_fractions:
+            gaps.append(gap_to_exact(problem, fraction, max_evaluations=GAP_CAP,
                                      time_limit=time_limit).to_json())
         advance()
     return runs, gaps
+
+
+def _load_results(paths: list[str]) -> list[tuple[Path, dict]]:
+    import json
+
+    loaded = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            path = path / "results.json"
+        try:
+            loaded.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"cannot read results {str(path)!r} ({exc}); pass the "
+                                f"results.json of a finished fedplan bench run") from None
+    return loaded
+
+
+def merge_payload(sources: list[tuple[Path, dict]], command: str) -> dict[str, Any]:
+    """One report over several runs' points (each run's own command and wall time kept)."""
+    points, runs, gaps = [], [], []
+    for _, data in sources:
+        points += data.get("points", [])
+        runs += data.get("solver_runs", [])
+        gaps += data.get("gaps", [])
+    return {"command": command, "machine": sources[0][1].get("machine") if sources else None,
+            "merged_from": [{"path": str(path), "command": data.get("command"),
+                             "wall_seconds": data.get("wall_seconds"),
+                             "config": data.get("config"), "machine": data.get("machine"),
+                             "host": data.get("host")}
+                            for path, data in sources],
+            "wall_seconds": sum(data.get("wall_seconds") or 0.0 for _, data in sources),
+            "points": points, "solver_runs": runs, "gaps": gaps,
+            "goals": report.goals(points, gaps)}
+
+
+def _host() -> dict[str, Any]:
+    """Load average and this process's CPU seconds: wall time alone means little on a
+    shared machine."""
+    import os
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"loadavg_1_5_15": load,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime
+            + children.ru_utime + children.ru_stime}
 
 
 def bench_command(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -204,18 +293,27 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any] | None:
     from .run import steps_per_model
 
     root = Path.cwd()
-    config = config_from_args(args, root)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create the output folder {str(out)!r} ({exc}); "
-                            f"pass --out DIR with a writable folder") from None
+    if args.merge:
+        payload = merge_payload(_load_results(args.merge),
+                                "fedplan " + " ".join(sys.argv[1:]))
+        _make_folder(out)
+        return _finish(args, out, payload)
+    config = config_from_args(args, root)
+    gap_graphs = _gap_graphs(args)
+    gap_fractions = (_fractions(args.gap_fractions, "--gap-fractions")
+                     if args.gap_fractions else GAP_FRACTIONS)
+    if args.solver_only and args.no_solver:
+        raise BadInputError("--solver-only and --no-solver leave nothing to run; drop one")
+    if args.solver_only:
+        config = BenchConfig(models=(), budgets=config.budgets, planners=config.planners,
+                             repeats=config.repeats, time_limit=config.time_limit)
+    _make_folder(out)
     for path in config.models:  # fail on a bad file before an hour of measuring
         from fedplan.modelfile import load_model_file
         load_model_file(path)
     graphs = 0 if args.no_solver else len(
-        (QUICK_GRAPH_SIZES + QUICK_GAP_GRAPHS) if args.quick else (GRAPH_SIZES + GAP_GRAPHS))
+        QUICK_GRAPH_SIZES if args.quick else GRAPH_SIZES) + len(gap_graphs)
     total = len(config.models) * steps_per_model(config) + graphs
     started = time.perf_counter()
     stderr = Console(stderr=True)
@@ -239,17 +337,31 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any] | None:
         points = [p.to_json() for p in run_bench(config, say=say, advance=advance,
                                                  checkpoint=checkpoint)]
         runs, gaps = ([], []) if args.no_solver else solver_section(
-            args.quick, config.time_limit, advance)
+            args.quick, config.time_limit, advance, gap_graphs=gap_graphs,
+            gap_fractions=gap_fractions)
     goal = report.goals(points, gaps)
     payload = {"command": "fedplan " + " ".join(sys.argv[1:]) if sys.argv else "fedplan bench",
                "machine": machine(), "config": {
                    "models": list(config.models), "budgets": list(config.budgets),
                    "planners": list(config.planners), "batch_size": config.batch_size,
                    "repeats": config.repeats, "time_limit": config.time_limit},
-               "wall_seconds": time.perf_counter() - started,
+               "wall_seconds": time.perf_counter() - started, "host": _host(),
                "points": points, "solver_runs": runs, "gaps": gaps, "goals": goal}
-    files = report.write_results(out, payload)
     (out / "results.partial.json").unlink(missing_ok=True)
+    return _finish(args, out, payload)
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create the output folder {str(out)!r} ({exc}); "
+                            f"pass --out DIR with a writable folder") from None
+
+
+def _finish(args: argparse.Namespace, out: Path, payload: dict[str, Any]) -> dict | None:
+    points, goal = payload["points"], payload["goals"]
+    files = report.write_results(out, payload)
     if not args.no_plots:
         from .plots import write_plots
         files += write_plots(out, payload)

@@ -44,7 +44,7 @@ def pareto(points: list[dict], path: Path) -> Path:
     plt = _pyplot()
     models = list(dict.fromkeys(p["model"] for p in points))
     columns = min(3, max(1, len(models)))
-    rows = math.ceil(len(models) / columns)
+    rows = max(1, math.ceil(len(models) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
     for index, model in enumerate(models):
         axis = axes[index // columns][index % columns]
@@ -63,7 +63,7 @@ def pareto(points: list[dict], path: Path) -> Path:
     for index in range(len(models), rows * columns):
         axes[index // columns][index % columns].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(9, len(labels)),
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, min(9, len(labels))),
                bbox_to_anchor=(0.5, 1.02))
     fig.tight_layout()
     result = _save(fig, path)
