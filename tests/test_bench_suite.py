@@ -87,6 +87,9 @@ def test_a_failing_peer_is_a_failed_point_and_the_run_goes_on():
     (["--budgets", "0.8,2"], "budget fractions in (0, 1.5]"),
     (["--models", "no/such/model.py"], "not found"),
     (["--repeats", "0"], "--repeats >= 1"),
+    (["--gap-graphs", "6by2"], "LAYERSxWIDTH"),
+    (["--solver-only", "--no-solver"], "leave nothing to run"),
+    (["--merge", "no/such/results.json"], "cannot read results"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)] + argv) == 2

@@ -10,6 +10,8 @@ from pathlib import Path
 from fedplan.errors import BadInputError
 
 MIB = 2**20
+COLORS = {"none": "C0", "all": "C1", "sqrt": "C2", "sac": "C3", "actnn2": "C4", "ilp": "C5",
+          "ilp+compress": "C7", "greedy": "C6", "torch.compile": "C8"}
 MARKERS = {"none": "*", "all": "s", "sqrt": "D", "sac": "^", "actnn2": "v", "ilp": "o",
            "ilp+compress": "P", "greedy": "x", "torch.compile": "h"}
 
@@ -55,17 +57,21 @@ def pareto(points: list[dict], path: Path) -> Path:
                            for p in mine if p["planner"] == planner)
             xs, ys = zip(*curve)
             axis.plot(xs, ys, marker=MARKERS.get(planner, "."), label=planner,
-                      linestyle="-" if len(curve) > 1 else "none")
+                      color=COLORS.get(planner), linestyle="-" if len(curve) > 1 else "none")
         axis.set_title(model)
         axis.set_xlabel("measured peak (MiB)")
         axis.set_ylabel("step time vs keep-all (%)")
         axis.grid(alpha=0.3)
     for index in range(len(models), rows * columns):
         axes[index // columns][index % columns].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, min(9, len(labels))),
-               bbox_to_anchor=(0.5, 1.02))
-    fig.tight_layout()
+    legend = {}  # every planner of every panel, once, same colour everywhere
+    for row in axes:
+        for axis in row:
+            for handle, label in zip(*axis.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(list(legend.values()), list(legend), loc="upper center",
+               ncol=max(1, min(9, len(legend))), bbox_to_anchor=(0.5, 1.0))
     result = _save(fig, path)
     plt.close(fig)
     return result
@@ -79,7 +85,8 @@ def predicted_vs_measured(points: list[dict], path: Path) -> Path:
     for planner in dict.fromkeys(planner for *_, planner in pairs):
         xs = [m for m, _, name in pairs if name == planner]
         ys = [q for _, q, name in pairs if name == planner]
-        axis.scatter(xs, ys, marker=MARKERS.get(planner, "."), label=planner)
+        axis.scatter(xs, ys, marker=MARKERS.get(planner, "."), label=planner,
+                     color=COLORS.get(planner))
     if pairs:
         top = max(max(m, q) for m, q, _ in pairs) * 1.05
         axis.plot([0, top], [0, top], color="grey", linewidth=0.8, label="equal")

@@ -258,11 +258,31 @@ class ModelBench:
         point.budget_bytes = plan.budget_bytes
         point.notes.append(f"planning wall time {time.perf_counter() - start:.2f} s "
                            f"(trace reused, one verification step)")
+        counts: dict[str, int] = {}
+        for _, decision in plan.decisions:
+            counts[decision] = counts.get(decision, 0) + 1
+        point.notes.append("decisions " + ", ".join(f"{k} {v}" for k, v in sorted(
+            counts.items())))
 
         def build(owner):  # as users run a saved plan
             return fedplan.apply(owner, plan, leaf_modules=self.spec.leaf_modules)
 
         self._add(point, build)
+
+    def _smallest_peak(self) -> int | None:
+        """The smallest peak the recompute-only plan space reaches, asked for when every
+        budget of the run was feasible (else the smallest budget's plan would stand in for
+        fedplan's smallest peak): plan at one byte above the fixed costs, which no plan
+        meets, and read the figure off the error."""
+        try:
+            fedplan.plan(self.base, self.inputs, self.targets, budget=int(self.floor) + 1,
+                         loss_fn=self.spec.loss_fn, solver="ilp", analysis=self.analysis,
+                         compress=False, leaf_modules=self.spec.leaf_modules,
+                         options=fedplan.SolverOptions(
+                             time_limit_seconds=self.config.time_limit))
+        except fedplan.FedplanError as exc:
+            return getattr(exc, "smallest_bytes", None)
+        return None
 
     def _point(self, planner: str, budget: str, fraction: float | None = None) -> Point:
         point = Point(model=self.spec.name, planner=planner, budget=budget,
@@ -317,6 +337,8 @@ class ModelBench:
                 self._plan(self._point("ilp+compress", label, fraction), "ilp", budget,
                            compress=True)
             advance()
+        if config.min_budget and "ilp" in planners and smallest is None:
+            smallest = self._smallest_peak()
         if config.min_budget and "ilp" in planners and smallest:
             # the smallest peak the plan space reaches, plus the plans' safety margin
             budget_bytes = int(smallest * 1.011) + 65536
