@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -41,6 +40,7 @@ import torch
 
 from fedplan.errors import BadInputError
 from fedplan.modelfile import ModelSpec, load_model_file
+from fedplan.planner.plan import write_atomic
 
 from . import data as fldata
 from . import devices as fldevices
@@ -469,17 +469,7 @@ class Server:
         arrays = {f"w/{k}": v for k, v in self.weights.items()}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".npz")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **arrays)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda stream: np.savez(stream, **arrays), binary=True)
 
     @staticmethod
     def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import BadInputError, PlanMismatchError
 
@@ -171,17 +171,18 @@ class Plan:
                 f"compile a plan for {optimizer!r}")
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], *,
+                 binary: bool = False) -> Path:
+    """Call ``write(stream)`` on a temporary file in ``path``'s folder, fsync, then rename
+    it over ``path``: a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInputError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
+        with os.fdopen(handle, "wb" if binary else "w") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -189,3 +190,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    def write(stream) -> None:
+        json.dump(data, stream, indent=2)
+        stream.write("\n")
+    return write_atomic(path, write)

@@ -24,40 +24,7 @@ from fedplan.fl.messages import ClientReply
 from fedplan.fl.plan_cache import COMPRESS_WORK_FACTOR, CachedPlan, Infeasible
 from fedplan.fl.server import Server, SimConfig, build_federation
 
-TINY_MODEL = '''
-import torch, torch.nn as nn
-DEFAULT_BATCH_SIZE = 8
-
-class Block(nn.Module):
-    def __init__(self, c, e):
-        super().__init__()
-        self.expand = nn.Conv2d(c, c * e, 1)
-        self.depthwise = nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e)
-        self.project = nn.Conv2d(c * e, c, 1)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return x + self.project(self.act(self.depthwise(self.act(self.expand(x)))))
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 8, 3, padding=1)
-        self.blocks = nn.Sequential(Block(8, 4), Block(8, 4), Block(8, 4))
-        self.head = nn.Linear(8 * 16, 10)
-
-    def forward(self, x):
-        x = self.blocks(torch.relu(self.stem(x)))
-        return self.head(torch.flatten(nn.functional.avg_pool2d(x, 2), 1))
-
-def build_model():
-    torch.manual_seed(0)
-    return Tiny()
-
-def example_batch(n):
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-'''
+from .conftest import TINY_MODEL
 
 FRACTIONS = "0.75,0.9,1.2"
 
