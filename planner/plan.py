@@ -185,6 +185,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], *,
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would surprise a user's output file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from fedplan.errors import BadInputError
+from fedplan.planner.plan import write_atomic
 
 MIB = 2**20
 COLORS = {"none": "C0", "all": "C1", "sqrt": "C2", "sac": "C3", "actnn2": "C4", "ilp": "C5",
@@ -28,17 +27,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.",
-                                         suffix=".png")
-    os.close(handle)
-    try:
-        fig.savefig(temporary, dpi=110, bbox_inches="tight")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda stream: fig.savefig(stream, format="png", dpi=110,
+                                                         bbox_inches="tight"), binary=True)
 
 
 def pareto(points: list[dict], path: Path) -> Path:

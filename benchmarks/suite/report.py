@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedplan.planner.plan import write_json_atomic
+from fedplan.planner.plan import write_atomic, write_json_atomic
 
 MIB = 2**20
 CSV_FIELDS = ("model", "planner", "budget", "budget_fraction", "budget_bytes", "status",
@@ -21,19 +19,7 @@ CSV_FIELDS = ("model", "planner", "budget", "budget_fraction", "budget_bytes", "
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda stream: stream.write(text))
 
 
 def to_csv(points: list[dict]) -> str:
