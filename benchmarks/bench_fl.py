@@ -1,19 +1,23 @@
 """The memory-wall experiment: four selectors, memory independent of or correlated with data.
 
-    python benchmarks/bench_fl.py [--rounds 30] [--jobs 2] [--out /tmp/fl_bench]
+    python benchmarks/bench_fl.py [--rounds 30] [--jobs 2] [--seeds 0,1] [--out /tmp/fl_bench]
 
 100 clients, 10 per round, mnist5k, Dirichlet alpha 0.5, budgets from the packaged device
 tiers scaled so the 6GB tier gets 1.1x the keep-all peak (54 of 100 clients below
 keep-all), ``examples/mnist_mbconv.py``, two local epochs, batch 16, SGD lr 0.05.
 Setting ``independent``: Dirichlet label skew over all clients. Setting ``correlated``:
 clients below the keep-all peak hold 95 % of classes 0-4, the others 95 % of classes 5-9.
-One process per setting (``--jobs`` at most 2) builds the federation once (tracing,
-measuring, one plan per budget bucket: nothing in it depends on the selector) and runs
-the four selectors on it in turn, each from the same initial weights and seed. Writes
-every run's result JSON, per-round CSV and plot under ``--out``, and prints a markdown
-table: final and best accuracy, simulated time, the simulated time at which each
-selector first reaches the best accuracy ``random`` attains (and its ratio to random's
-own), participations, skipped clients, budget violations, wall and CPU seconds.
+``fedhybrid`` runs with its round deadline at the median planned round time
+(``SELECTOR_OPTIONS``); the other selectors with their defaults.
+One process per (setting, seed) (``--jobs`` at most 2) builds the federation once
+(tracing, measuring, one plan per budget bucket: nothing in it depends on the selector)
+and runs the four selectors on it in turn, each from the same initial weights and seed.
+Writes every run's result JSON, per-round CSV and plot under ``--out`` (one folder per
+setting and selector, prefixed ``seedN-`` when more than one seed runs), and prints a
+markdown table per seed: final and best accuracy, simulated time, the simulated time at
+which each selector first reaches the best accuracy ``random`` attains in that seed (and
+its ratio to random's own), participations, skipped clients, stragglers, budget
+violations, wall and CPU seconds; then each selector's ratio per seed and its mean.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "examples" / "mnist_mbconv.py")
 SELECTORS = ("fedhybrid", "exclude", "random", "oort")
 SETTINGS = {"correlated": "correlated", "independent": "dirichlet"}  # (b) first
+SELECTOR_OPTIONS = {"fedhybrid": {"deadline_quantile": 0.5}}
+"""Per-selector options (:mod:`fedplan.fl.selectors`): fedhybrid's round deadline is the
+median planned round time, the same quantile as its pacer; chosen before any run, not on
+the accuracies below."""
 
 
-def run_setting(setting: str, rounds: int, out: str, seed: int) -> list[dict]:
+def run_setting(setting: str, rounds: int, out: str, seed: int,
+                prefix: str = "") -> list[dict]:
     import dataclasses
 
     from fedplan.fl.report import write_outputs
@@ -48,15 +57,16 @@ def run_setting(setting: str, rounds: int, out: str, seed: int) -> list[dict]:
     results = []
     for selector in SELECTORS:
         wall, cpu = time.perf_counter(), time.process_time()
-        fed = dataclasses.replace(
-            federation, config=dataclasses.replace(config, selector=selector))
-        folder = Path(out) / f"{setting}-{selector}"
+        fed = dataclasses.replace(federation, config=dataclasses.replace(
+            config, selector=selector,
+            selector_options=dict(SELECTOR_OPTIONS.get(selector, {}))))
+        folder = Path(out) / f"{prefix}{setting}-{selector}"
         result = Server(fed, out_dir=folder).run()
         result["wall_seconds"] = time.perf_counter() - wall
         result["cpu_seconds"] = time.process_time() - cpu
         write_outputs(result, folder)
-        results.append({"setting": setting, **setup, **result})
-        print(f"{setting} {selector}: final {result['final_accuracy']:.3f} "
+        results.append({"setting": setting, "seed": seed, **setup, **result})
+        print(f"seed {seed} {setting} {selector}: final {result['final_accuracy']:.3f} "
               f"wall {result['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     return results
 
@@ -82,46 +92,85 @@ def code_version() -> str:
     return head + (" (dirty)" if dirty else "")
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers; got {text!r}") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds; got {text!r}")
+    return seeds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="one seed (default 0); same as --seeds N")
+    parser.add_argument("--seeds", type=parse_seeds, default=None,
+                        help="comma-separated seeds, e.g. 0,1: the whole experiment once per "
+                             "seed (seed of partitions, tiers, weights and selection)")
     parser.add_argument("--out", default="/tmp/fl_bench")
     args = parser.parse_args(argv)
+    if args.seed is not None and args.seeds is not None:
+        parser.error("give --seed or --seeds, not both")
+    seeds = args.seeds or [args.seed if args.seed is not None else 0]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     version = code_version()
-    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(SETTINGS)))) as pool:
-        futures = [pool.submit(run_setting, s, args.rounds, args.out, args.seed)
-                   for s in SETTINGS]
+    tasks = [(s, seed) for seed in seeds for s in SETTINGS]
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(tasks)))) as pool:
+        futures = [pool.submit(run_setting, s, args.rounds, args.out, seed,
+                               f"seed{seed}-" if len(seeds) > 1 else "")
+                   for s, seed in tasks]
         results = [r for f in futures for r in f.result()]
     wall = time.perf_counter() - start
-    print("| setting | selector | final acc | best acc | simulated s | s to random's best "
-          "(x random's) | participations (below keep-all) | skipped: no plan | "
-          "budget violations | wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for setting in SETTINGS:
-        rows = [r for r in results if r["setting"] == setting]
-        rand = next(r for r in rows if r["selector"] == "random")
-        target = rand["best_accuracy"]
-        t_random = time_to(rand["history"], target)
-        for r in rows:
-            t = time_to(r["history"], target)
-            ratio = f"{t / t_random:.2f}" if math.isfinite(t) else "not reached"
-            print(f"| {setting} | {r['selector']} | {r['final_accuracy']:.3f} | "
-                  f"{r['best_accuracy']:.3f} | {r['simulated_seconds']:.1f} | "
-                  f"{t:.1f} ({ratio}) | {r['participations']} "
-                  f"({r['participations_below_keep_all']}) | "
-                  f"{r['skipped_no_plan']} | {r['budget_violations']} | "
-                  f"{r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
-    fed = results[0]["federation"]
-    setups = {r["setting"]: round(r["setup_wall_seconds"]) for r in results}
-    setup_cpu = {r["setting"]: r["setup_cpu_seconds"] for r in results}
-    print(f"\nkeep-all peak {fed['keep_all_peak_bytes']} B; clients below keep-all "
-          f"{fed['clients_below_keep_all']}; without any plan {fed['clients_without_plan']}; "
-          f"tiers {fed['tiers']}; plan cache {fed['plan_cache']}; set-up wall s {setups}; "
-          f"total wall {wall:.0f} s with {args.jobs} jobs; total CPU s "
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for seed in seeds:
+        print(f"\nseed {seed}\n")
+        print("| setting | selector | final acc | best acc | simulated s | s to random's best "
+              "(x random's) | participations (below keep-all) | skipped: no plan | "
+              "stragglers | budget violations | wall s | CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for setting in SETTINGS:
+            rows = [r for r in results if r["setting"] == setting and r["seed"] == seed]
+            rand = next(r for r in rows if r["selector"] == "random")
+            target = rand["best_accuracy"]
+            t_random = time_to(rand["history"], target)
+            for r in rows:
+                t = time_to(r["history"], target)
+                ratios.setdefault((setting, r["selector"]), []).append(t / t_random)
+                ratio = f"{t / t_random:.2f}" if math.isfinite(t) else "not reached"
+                print(f"| {setting} | {r['selector']} | {r['final_accuracy']:.3f} | "
+                      f"{r['best_accuracy']:.3f} | {r['simulated_seconds']:.1f} | "
+                      f"{t:.1f} ({ratio}) | {r['participations']} "
+                      f"({r['participations_below_keep_all']}) | "
+                      f"{r['skipped_no_plan']} | {r['stragglers']} | "
+                      f"{r['budget_violations']} | "
+                      f"{r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+    print("\n| setting | selector | " + " | ".join(f"x random's, seed {s}" for s in seeds)
+          + " | mean |")
+    print("|---|---|" + "---|" * (len(seeds) + 1))
+    for (setting, selector), values in ratios.items():
+        cells = [f"{v:.2f}" if math.isfinite(v) else "not reached" for v in values]
+        mean = sum(values) / len(values)
+        shown = f"{mean:.2f}" if math.isfinite(mean) else "not reached"
+        print(f"| {setting} | {selector} | " + " | ".join(cells) + f" | {shown} |")
+    for seed in seeds:
+        mine = [r for r in results if r["seed"] == seed]
+        fed = mine[0]["federation"]
+        setups = {r["setting"]: round(r["setup_wall_seconds"]) for r in mine}
+        peaks = [m["max_peak_over_budget"] for r in mine for m in r["history"]
+                 if math.isfinite(m["max_peak_over_budget"])]
+        print(f"\nseed {seed}: keep-all peak {fed['keep_all_peak_bytes']} B; clients below "
+              f"keep-all {fed['clients_below_keep_all']}; without any plan "
+              f"{fed['clients_without_plan']}; tiers {fed['tiers']}; plan cache "
+              f"{fed['plan_cache']}; set-up wall s {setups}; largest measured peak / budget "
+              f"{max(peaks, default=math.nan):.3f}")
+    setup_cpu = {(r["setting"], r["seed"]): r["setup_cpu_seconds"] for r in results}
+    print(f"\ntotal wall {wall:.0f} s with {args.jobs} jobs; total CPU s "
           f"{sum(r['cpu_seconds'] for r in results) + sum(setup_cpu.values()):.0f}; "
           f"code {version}")
     summary = [{k: v for k, v in r.items() if k not in ("history", "events")}

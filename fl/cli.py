@@ -62,6 +62,10 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
     sim.add_argument("--deadline", type=float, default=None, metavar="S",
                      help="simulated seconds a client may take per round; slower ones are "
                           "dropped as stragglers")
+    sim.add_argument("--deadline-quantile", type=float, default=None, metavar="Q",
+                     help="fedhybrid only: select only clients whose planned round time is "
+                          "at most the Q-quantile of all feasible clients' (0 < Q <= 1; "
+                          "default: no deadline; the memory-wall benchmark uses 0.5)")
     sim.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
     sim.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     sim.add_argument("--out", default=None, metavar="DIR",
@@ -83,14 +87,26 @@ def _usage(parser: argparse.ArgumentParser):
 
 
 def _config(args: argparse.Namespace):
+    from fedplan.errors import BadInputError
+
     from .server import DEFAULT_MODEL, SimConfig
+    options = {}
+    if args.deadline_quantile is not None:
+        if args.selector != "fedhybrid":
+            raise BadInputError(f"--deadline-quantile applies to --selector fedhybrid; found "
+                                f"--selector {args.selector}; drop the option or use fedhybrid")
+        if not 0.0 < args.deadline_quantile <= 1.0:
+            raise BadInputError(f"expected --deadline-quantile in (0, 1]; found "
+                                f"{args.deadline_quantile}")
+        options["deadline_quantile"] = args.deadline_quantile
     return SimConfig(model=args.model or DEFAULT_MODEL, dataset=args.dataset,
                      num_clients=args.clients, rounds=args.rounds,
                      clients_per_round=args.per_round, selector=args.selector,
                      partition=args.partition, alpha=args.alpha, tiers=args.tiers,
                      tier_anchor=args.tier_anchor, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     deadline_seconds=args.deadline, threads=args.threads)
+                     deadline_seconds=args.deadline, threads=args.threads,
+                     selector_options=options)
 
 
 def _finite(value: Any) -> Any:

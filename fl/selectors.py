@@ -45,19 +45,24 @@ times of one step, recomputation included, divided by its speed):
     ``C_i = (T / t_i) ** alpha`` when ``t_i > T``, else 1, with ``T`` the
     ``pacer_quantile`` of all feasible clients' ``t_i`` (Oort's pacer on the same times).
 
-  Exploration draws unexplored clients at random with probability proportional to
-  ``Mem_i * C_i`` (known before any training), not fastest-first: fastest-first would
+  Exploration draws unexplored clients at random with probability proportional to the
+  utility with the data term's prior: ``|B_i| * Mem_i * C_i`` (Oort registers a client
+  with its sample count as its reward until it has trained, and draws unexplored clients
+  in proportion to that reward times the pacer penalty); not fastest-first: that would
   always explore the fast, memory-rich devices first, and the data utility could never
   find a memory-poor client's distinctive data.
 
-Both utility selectors explore and exploit like Oort: a share ``eps_r = max(eps_min,
-eps_0 * decay^r)`` of the ``k`` slots goes to clients never explored (``oort``: fastest
-by predicted round time first, as Oort does; ``fedhybrid``: drawn as above), the rest to
-explored clients ranked by the UCB score ``U_i / max_j U_j + c * sqrt(ln(r + 1) / n_i)``
-(``n_i``: rounds client ``i`` was selected in; ties broken at random). Slots left over
-(too few explored clients) go to the other pool. Hyperparameters (defaults, the same for
-both and not tuned on the experiment): ``eps_0 = 0.9``, ``decay = 0.95``,
-``eps_min = 0.2``, ``c = 0.3``, ``alpha = 2``, ``pacer_quantile = 0.5``.
+  Optional round deadline (``deadline_quantile = q``; off by default, ``q = 1``): only
+  clients whose *planned* round time ``t'_i = round_seconds`` (its local steps x its step
+  time under its plan / its speed, i.e. ``t_i / Mem_i`` where the overhead is known) is at
+  most ``T_r = max(quantile_q(t'_j over feasible j), the k-th smallest t'_j)`` are
+  explored or exploited. A synchronous round lasts as long as its slowest client, so a
+  per-client penalty such as ``C_i`` cannot bound it: one slow client picked by
+  exploration or a UCB bonus sets the whole round (FedCS, Nishio & Yonetani, ICC'19,
+  selects only clients that can finish by the round deadline for this reason). The
+  ``k``-th smallest time keeps ``k`` clients eligible. The memory-wall benchmark runs
+  ``fedhybrid`` with ``q = 0.5``, the pacer's quantile, not a value tuned on its
+  accuracies.
 """
 
 from __future__ import annotations
@@ -174,8 +179,12 @@ class _UtilitySelector(Selector):
     def _eligible(self, c: Candidate) -> bool:
         return True
 
+    def _pool(self, candidates: Sequence[Candidate], k: int) -> list[Candidate]:
+        """The clients this round may pick from."""
+        return [c for c in candidates if self._eligible(c)]
+
     def select(self, round_index, candidates, k, rng):
-        pool = [c for c in candidates if self._eligible(c)]
+        pool = self._pool(candidates, k)
         fresh = [c for c in pool if c.client_id not in self.count]
         known = [c for c in pool if c.client_id in self.count]
         eps = max(self.exploration_min, self.exploration * self.decay ** round_index)
@@ -250,10 +259,27 @@ class FedHybridSelector(_UtilitySelector):
     name = "fedhybrid"
 
     def __init__(self, *, keep_all_bytes: int, pacer_quantile: float = 0.5,
-                 alpha: float = 2.0, **kw):
+                 alpha: float = 2.0, deadline_quantile: float = 1.0, **kw):
         super().__init__(**kw)
+        if not 0.0 < deadline_quantile <= 1.0:
+            raise ValueError(f"deadline_quantile must be in (0, 1] (1: no deadline); "
+                             f"got {deadline_quantile!r}")
         self.keep_all_bytes = int(keep_all_bytes)
         self.pacer_quantile, self.alpha = pacer_quantile, alpha
+        self.deadline_quantile = float(deadline_quantile)
+
+    def round_deadline(self, candidates: Sequence[Candidate], k: int) -> float:
+        """``T_r``: the ``deadline_quantile`` of the feasible clients' planned round times,
+        raised to the ``k``-th smallest of them; ``inf`` without a deadline."""
+        times = sorted(c.round_seconds for c in candidates
+                       if c.feasible and math.isfinite(c.round_seconds))
+        if self.deadline_quantile >= 1.0 or len(times) <= k:
+            return math.inf
+        return max(float(np.quantile(times, self.deadline_quantile)), times[k - 1])
+
+    def _pool(self, candidates, k):
+        deadline = self.round_deadline(candidates, k)
+        return [c for c in candidates if c.feasible and c.round_seconds <= deadline]
 
     def memory_utility(self, c: Candidate) -> float:
         """``Mem_i``: 0 without a plan, 1 at or above keep-all, else the plan's slowdown."""
@@ -282,7 +308,8 @@ class FedHybridSelector(_UtilitySelector):
         return c.feasible
 
     def _prior(self, c, candidates):
-        return self.memory_utility(c) * self.compute_utility(c, candidates)
+        """The utility before any training: ``|B_i|`` (Oort's initial reward) for ``D_i``."""
+        return c.num_samples * self.memory_utility(c) * self.compute_utility(c, candidates)
 
     def _explore(self, fresh, n, candidates, order, rng):
         if n <= 0 or not fresh:

@@ -274,3 +274,77 @@ def test_plan_cache_survives_solver_errors(federation, monkeypatch):
     assert [f["solver"] for f in cache.failures[-2:]] == ["ilp", "greedy"]
     assert cache.lookup(int(0.7 * keep_all)) is dead  # cached: not solved again
     assert cache.stats()["failures"][-1]["solver"] == "greedy"
+
+
+# --------------------------------------------------------------------------- fedhybrid's deadline
+
+def _timed_candidates(times, *, samples=20):
+    """Keep-all clients (Mem 1) whose planned round time is ``times[i]`` (one step each)."""
+    from fedplan.fl.selectors import Candidate
+    return [Candidate(client_id=i, budget_bytes=2000, speed=1.0, num_samples=samples + i,
+                      feasible=math.isfinite(t), fits_keep_all=True, step_seconds=t,
+                      round_seconds=t, keep_all_step_seconds=t)
+            for i, t in enumerate(times)]
+
+
+def test_fedhybrid_round_deadline_bounds_every_selection():
+    from fedplan.fl.selectors import FedHybridSelector, make_selector
+    # planned round times 1..11 s and one client without a plan
+    cands = _timed_candidates([float(t) for t in range(1, 12)] + [math.inf])
+    f = make_selector("fedhybrid", keep_all_bytes=1000, deadline_quantile=0.5)
+    # median of the 11 feasible times is 6 s; with k = 3 that already holds 6 clients
+    assert f.round_deadline(cands, 3) == 6.0
+    # a low quantile is raised to the k-th smallest time, so k clients stay eligible
+    assert f.round_deadline(cands, 4) == 6.0
+    low = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.1)
+    assert low.round_deadline(cands, 4) == 4.0  # quantile 0.1 is 2 s < 4th smallest
+    assert [c.client_id for c in low._pool(cands, 4)] == [0, 1, 2, 3]
+    # no deadline by default (quantile 1), and none when only k clients are feasible
+    assert FedHybridSelector(keep_all_bytes=1000).round_deadline(cands, 3) == math.inf
+    assert f.round_deadline(cands[:3] + cands[-1:], 3) == math.inf
+    with pytest.raises(ValueError, match="deadline_quantile"):
+        FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.0)
+    # every round, explored and exploited, stays within the deadline: clients 0-5 only
+    seen = set()
+    for r in range(30):
+        chosen = f.select(r, cands, 3, np.random.default_rng(r))
+        assert len(chosen) == 3 and set(chosen) <= {0, 1, 2, 3, 4, 5}
+        seen |= set(chosen)
+        for cid in chosen:
+            f.observe(r, cid, num_samples=20, loss_sq_sum=20.0, loss_count=20)
+    assert seen == {0, 1, 2, 3, 4, 5}  # exploration reaches every eligible client
+
+
+def test_fedhybrid_explores_in_proportion_to_samples_times_system_utility():
+    from fedplan.fl.selectors import FedHybridSelector
+    # equal times (C = 1, Mem = 1): the prior is the sample count |B_i| = 20 + i
+    cands = _timed_candidates([1.0] * 4)
+    f = FedHybridSelector(keep_all_bytes=1000)
+    assert [f._prior(c, cands) for c in cands] == [20.0, 21.0, 22.0, 23.0]
+    # a client at twice the pacer (median 1.5 s of 1, 1, 2, 2) keeps (1.5 / 2) ** 2 of it
+    cands = _timed_candidates([1.0, 1.0, 2.0, 2.0])
+    assert f._prior(cands[3], cands) == pytest.approx(23 * 0.75 ** 2)
+    assert f._prior(cands[0], cands) == 20.0
+
+
+def test_simulated_fedhybrid_rounds_end_by_the_deadline(federation):
+    fed = with_config(federation, selector="fedhybrid",
+                      selector_options={"deadline_quantile": 0.5})
+    server = run(fed, rounds=3)
+    deadline = server.selector.round_deadline(fed.candidates, fed.config.clients_per_round)
+    times = sorted(c.round_seconds for c in fed.candidates if c.feasible)
+    assert deadline == max(float(np.quantile(times, 0.5)), times[2]) < max(times)
+    for m in server.history:
+        assert m["round_seconds"] <= deadline
+        assert all(fed.candidates[c].round_seconds <= deadline for c in m["clients"])
+    assert server.result()["participations"] == 9 and server.result()["stragglers"] == 0
+
+
+def test_cli_deadline_quantile_is_for_fedhybrid_only(federation, capsys):
+    from fedplan.cli import main
+    args = ["fl", "simulate", "--model", federation.config.model, "--dataset", "digits",
+            "--selector", "random", "--deadline-quantile", "0.5"]
+    assert main(args) == 2
+    assert "--deadline-quantile applies to --selector fedhybrid" in capsys.readouterr().err
+    assert main(args[:-3] + ["fedhybrid", "--deadline-quantile", "1.5"]) == 2
+    assert "expected --deadline-quantile in (0, 1]" in capsys.readouterr().err
