@@ -1,6 +1,7 @@
 """The memory-wall experiment: four selectors, memory independent of or correlated with data.
 
     python benchmarks/bench_fl.py [--rounds 30] [--jobs 2] [--seeds 0,1] [--out /tmp/fl_bench]
+                                  [--max-rounds 120] [--fixed-rounds]
 
 100 clients, 10 per round, mnist5k, Dirichlet alpha 0.5, budgets from the packaged device
 tiers scaled so the 6GB tier gets 1.1x the keep-all peak (54 of 100 clients below
@@ -11,13 +12,22 @@ clients below the keep-all peak hold 95 % of classes 0-4, the others 95 % of cla
 (``SELECTOR_OPTIONS``); the other selectors with their defaults.
 One process per (setting, seed) (``--jobs`` at most 2) builds the federation once
 (tracing, measuring, one plan per budget bucket: nothing in it depends on the selector)
-and runs the four selectors on it in turn, each from the same initial weights and seed.
+and runs the four selectors on it, each from the same initial weights and seed.
+
+Equal simulated time: ``random`` runs ``--rounds`` rounds first; every other selector runs
+at least ``--rounds`` rounds and then on until its simulated clock reaches random's
+(at most ``--max-rounds``). The goal is stated in simulated time (reach random's best
+accuracy in half of random's time); with a fixed round count a selector whose rounds are
+short stops long before random's time has passed and cannot be measured against it.
+``--fixed-rounds`` runs every selector exactly ``--rounds`` rounds instead.
+
 Writes every run's result JSON, per-round CSV and plot under ``--out`` (one folder per
 setting and selector, prefixed ``seedN-`` when more than one seed runs), and prints a
-markdown table per seed: final and best accuracy, simulated time, the simulated time at
-which each selector first reaches the best accuracy ``random`` attains in that seed (and
-its ratio to random's own), participations, skipped clients, stragglers, budget
-violations, wall and CPU seconds; then each selector's ratio per seed and its mean.
+markdown table per seed: accuracy after ``--rounds`` rounds and at the end, best
+accuracy, rounds and simulated time, the simulated time at which each selector first
+reaches the best accuracy ``random`` attains in that seed (and its ratio to random's own),
+participations, skipped clients, stragglers, budget violations, wall and CPU seconds;
+then each selector's ratio per seed and its mean.
 """
 
 from __future__ import annotations
@@ -40,12 +50,14 @@ median planned round time, the same quantile as its pacer; chosen before any run
 the accuracies below."""
 
 
-def run_setting(setting: str, rounds: int, out: str, seed: int,
-                prefix: str = "") -> list[dict]:
+def run_setting(setting: str, rounds: int, out: str, seed: int, prefix: str = "",
+                max_rounds: int | None = None) -> list[dict]:
+    """The four selectors on one federation; with ``max_rounds``, each but ``random`` runs
+    on past ``rounds`` until its clock reaches random's (at most ``max_rounds`` rounds)."""
     import dataclasses
 
     from fedplan.fl.report import write_outputs
-    from fedplan.fl.server import Server, SimConfig, build_federation
+    from fedplan.fl.server import Server, SimConfig, build_federation, torch_threads
 
     config = SimConfig(model=MODEL, dataset="mnist5k", num_clients=100, rounds=rounds,
                        clients_per_round=10, selector="random",
@@ -55,20 +67,33 @@ def run_setting(setting: str, rounds: int, out: str, seed: int,
     setup = {"setup_wall_seconds": time.perf_counter() - wall,
              "setup_cpu_seconds": time.process_time() - cpu}
     results = []
-    for selector in SELECTORS:
+    budget = math.inf  # random's simulated seconds, once it has run
+    for selector in sorted(SELECTORS, key=lambda name: name != "random"):  # random first
         wall, cpu = time.perf_counter(), time.process_time()
         fed = dataclasses.replace(federation, config=dataclasses.replace(
             config, selector=selector,
             selector_options=dict(SELECTOR_OPTIONS.get(selector, {}))))
         folder = Path(out) / f"{prefix}{setting}-{selector}"
-        result = Server(fed, out_dir=folder).run()
+        server = Server(fed, out_dir=folder)
+        server.run()
+        if max_rounds is not None and selector != "random":
+            with torch_threads(config.threads):
+                while server.clock < budget and server.round < max_rounds:
+                    server.config = dataclasses.replace(server.config,
+                                                        rounds=server.round + 1)
+                    server.run_round()
+        result = server.result()
+        if selector == "random":
+            budget = result["simulated_seconds"]
+        result["accuracy_at_min_rounds"] = result["history"][rounds - 1]["accuracy"]
         result["wall_seconds"] = time.perf_counter() - wall
         result["cpu_seconds"] = time.process_time() - cpu
         write_outputs(result, folder)
         results.append({"setting": setting, "seed": seed, **setup, **result})
         print(f"seed {seed} {setting} {selector}: final {result['final_accuracy']:.3f} "
               f"wall {result['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-    return results
+    order = {name: j for j, name in enumerate(SELECTORS)}
+    return sorted(results, key=lambda r: order[r["selector"]])
 
 
 def time_to(history: list[dict], accuracy: float) -> float:
@@ -113,6 +138,12 @@ def main(argv=None) -> int:
                         help="comma-separated seeds, e.g. 0,1: the whole experiment once per "
                              "seed (seed of partitions, tiers, weights and selection)")
     parser.add_argument("--out", default="/tmp/fl_bench")
+    parser.add_argument("--max-rounds", type=int, default=120,
+                        help="at most this many rounds for a selector still short of "
+                             "random's simulated time after --rounds (default 120)")
+    parser.add_argument("--fixed-rounds", action="store_true",
+                        help="every selector runs exactly --rounds rounds (no equal "
+                             "simulated time)")
     args = parser.parse_args(argv)
     if args.seed is not None and args.seeds is not None:
         parser.error("give --seed or --seeds, not both")
@@ -123,17 +154,19 @@ def main(argv=None) -> int:
     tasks = [(s, seed) for seed in seeds for s in SETTINGS]
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(tasks)))) as pool:
         futures = [pool.submit(run_setting, s, args.rounds, args.out, seed,
-                               f"seed{seed}-" if len(seeds) > 1 else "")
+                               f"seed{seed}-" if len(seeds) > 1 else "",
+                               None if args.fixed_rounds else args.max_rounds)
                    for s, seed in tasks]
         results = [r for f in futures for r in f.result()]
     wall = time.perf_counter() - start
     ratios: dict[tuple[str, str], list[float]] = {}
     for seed in seeds:
         print(f"\nseed {seed}\n")
-        print("| setting | selector | final acc | best acc | simulated s | s to random's best "
-              "(x random's) | participations (below keep-all) | skipped: no plan | "
-              "stragglers | budget violations | wall s | CPU s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| setting | selector | acc after {args.rounds} rounds | final acc | best acc | "
+              "rounds | simulated s | s to random's best (x random's) | participations "
+              "(below keep-all) | skipped: no plan | stragglers | budget violations | "
+              "wall s | CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for setting in SETTINGS:
             rows = [r for r in results if r["setting"] == setting and r["seed"] == seed]
             rand = next(r for r in rows if r["selector"] == "random")
@@ -142,10 +175,12 @@ def main(argv=None) -> int:
             for r in rows:
                 t = time_to(r["history"], target)
                 ratios.setdefault((setting, r["selector"]), []).append(t / t_random)
-                ratio = f"{t / t_random:.2f}" if math.isfinite(t) else "not reached"
-                print(f"| {setting} | {r['selector']} | {r['final_accuracy']:.3f} | "
-                      f"{r['best_accuracy']:.3f} | {r['simulated_seconds']:.1f} | "
-                      f"{t:.1f} ({ratio}) | {r['participations']} "
+                reached = f"{t:.1f} ({t / t_random:.2f})" if math.isfinite(t) else \
+                    "not reached"
+                print(f"| {setting} | {r['selector']} | {r['accuracy_at_min_rounds']:.3f} | "
+                      f"{r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | "
+                      f"{r['rounds']} | {r['simulated_seconds']:.1f} | "
+                      f"{reached} | {r['participations']} "
                       f"({r['participations_below_keep_all']}) | "
                       f"{r['skipped_no_plan']} | {r['stragglers']} | "
                       f"{r['budget_violations']} | "
