@@ -5,25 +5,37 @@ optimum is optimal *for its model*; this reference answers the question the user
 over every keep/recompute assignment of the decision units (``planner.candidates``),
 which one has the least recompute time and a simulated peak within the budget?
 
-Method: subsets of decision units are enumerated in non-decreasing total recompute cost
-(units sorted by cost; from a subset whose largest unit is ``i``, the successors are
-"add ``i + 1``" and "swap ``i`` for ``i + 1``", which reaches every subset exactly once,
-each after its cheaper predecessor), and each is replayed by the independent simulator;
-the first that fits is optimal. No pruning assumes the peak is monotone in the subset
-(it is not: a region's inputs are retained). The cost is the number of subsets cheaper
-than the optimum, so ``max_evaluations`` caps it and the result then says "unknown".
+Two methods, both exact; ``max_evaluations`` caps the simulator runs and the result then
+says "unknown":
+
+* ``enumerate``: subsets of decision units in non-decreasing total recompute cost (units
+  sorted by cost; from a subset whose largest unit is ``i``, the successors are "add
+  ``i + 1``" and "swap ``i`` for ``i + 1``", which reaches every subset exactly once, each
+  after its cheaper predecessor), each replayed by the simulator; the first that fits is
+  optimal. No pruning at all: its cost is the number of subsets cheaper than the
+  optimum (2^units to prove a budget infeasible), so it settles about 20 units.
+* ``branch`` (default): depth-first over the units in topological order, keep before
+  recompute, every complete plan replayed by the simulator. A branch is cut when a
+  *lower bound* of the simulated peak of every completion exceeds the budget, or when a
+  lower bound of its recompute cost reaches the best plan found. The peak never being
+  monotone in the recomputed set (a region retains its inputs), the bound only counts
+  bytes the simulator must hold whatever the undecided units do (``_PeakBound``). Both
+  methods agree on every graph the enumeration settles (tests/test_bench_graphs.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from fedplan.planner.candidates import plan_space
+from fedplan.planner.candidates import COMPUTE_OPS, plan_space
 from fedplan.planner.cost import CostModel
+from fedplan.planner.errors import BadInputError
 from fedplan.planner.ir import PlanGraph
 from fedplan.planner.simulate import simulate
+
+TINY = 1e-12  # seconds: a plan must be cheaper than the best by more than float rounding
 
 
 @dataclass(frozen=True)
@@ -41,8 +53,12 @@ class ExactResult:
 
 
 def exact_min_recompute(graph: PlanGraph, costs: CostModel, budget_bytes: int, *,
-                        max_evaluations: int = 200_000) -> ExactResult:
+                        max_evaluations: int = 200_000, method: str = "branch") -> ExactResult:
     """The least recompute time of any plan whose simulated peak is <= ``budget_bytes``."""
+    if method == "branch":
+        return _branch_and_bound(graph, costs, budget_bytes, max_evaluations)
+    if method != "enumerate":
+        raise BadInputError(f"unknown exact method {method!r}; valid: branch, enumerate")
     start = time.perf_counter()
     space = plan_space(graph, costs)
     unit_cost = [sum(costs.node[name].forward_seconds for name in group)
@@ -81,3 +97,214 @@ def exact_min_recompute(graph: PlanGraph, costs: CostModel, budget_bytes: int, *
             heapq.heappush(heap, (total - cost[last] + cost[last + 1],
                                   chosen[:-1] + (last + 1,)))
     return done("infeasible")
+
+
+class _PeakBound:
+    """Lower bounds of the simulated peak of every plan that completes a partial one.
+
+    The simulator's level at the backward step of position ``j`` is at least
+
+    * what every plan has there: the replay of the keep-all plan with nothing saved for
+      backward (gradients, parameter gradients, the step's temporaries), plus
+    * the activation storages the simulator must hold there: those saved by ``j`` itself
+      (kept: held since forward; recomputed: re-made by its region's recomputation);
+      those saved by a kept node at a position ``q <= j`` (held until ``q``'s backward);
+      those saved by a recomputed ``q <= j`` whose region ends at or after ``j`` (re-made
+      when backward enters the region); the inputs of a region that starts at ``s <= j``
+      (held until the region's backward is done).
+
+    Only decided positions contribute the last three, so the bound holds for every way
+    of deciding the rest; extending an open region only adds to it.
+    """
+
+    def __init__(self, graph: PlanGraph, costs: CostModel, space) -> None:
+        self.order = list(space.order)
+        position = {name: i for i, name in enumerate(self.order)}
+        counted = {s.key: s.nbytes for s in costs.storages if s.kind != "input"}
+        self.size = counted
+        node_cost = costs.node
+        self.saved = [tuple(k for k in node_cost[name].saved if k in counted)
+                      for name in self.order]
+        inputs_of = {node.name: node.inputs for node in graph.nodes}
+        self.inputs = []  # (provider position or -1, storage) of each position's inputs
+        for name in self.order:
+            pairs = []
+            for inp in inputs_of.get(name, ()):
+                for key in node_cost[inp].outputs if inp in node_cost else ():
+                    if key in counted:
+                        pairs.append((position.get(inp, -1), key))
+            self.inputs.append(tuple(pairs))
+        # a node other than get_attr between two compute nodes splits a region
+        self.split_before = [False] * len(self.order)
+        seen_other = False
+        for node in graph.nodes:
+            if node.op in COMPUTE_OPS:
+                if seen_other and node.name in position:
+                    self.split_before[position[node.name]] = True
+                seen_other = False
+            elif node.op != "get_attr":
+                seen_other = True
+        bare = replace(costs, nodes=tuple(replace(cost, saved=()) for cost in costs.nodes))
+        self.base: list[int | None] = [None] * len(self.order)
+        self.base_forward = 0
+        for event in simulate(graph, bare, dict.fromkeys(space.candidates, "keep")).events:
+            if event.phase == "backward":
+                self.base[position[event.node]] = event.peak_inside
+            else:
+                self.base_forward = max(self.base_forward, event.peak_inside)
+        self.slots = [j for j, level in enumerate(self.base) if level is not None]
+
+    def profile(self, state: list[str | None], frontier: int) -> list[int]:
+        """Lower bounds at each backward slot; ``state[i]`` is K, R or None (undecided),
+        every position before ``frontier`` decided."""
+        top = len(self.order) - 1
+        cover: dict[str, list[tuple[int, int]]] = {}
+
+        def hold(key: str, low: int, high: int) -> None:
+            cover.setdefault(key, []).append((low, high))
+
+        for q, saved in enumerate(self.saved):
+            for key in saved:
+                hold(key, q, top if state[q] == "K" else q)
+        q = 0
+        while q < frontier:
+            if state[q] != "R":
+                q += 1
+                continue
+            start = q
+            while q + 1 < frontier and state[q + 1] == "R" and not self.split_before[q + 1]:
+                q += 1
+            for member in range(start, q + 1):
+                for key in self.saved[member]:
+                    hold(key, member, q)
+                for provider, key in self.inputs[member]:
+                    if provider < start:
+                        hold(key, start, top)
+            q += 1
+        change = [0] * (top + 2)
+        for key, spans in cover.items():
+            spans.sort()
+            low, high = spans[0]
+            for a, b in spans[1:]:
+                if a > high + 1:
+                    change[low] += self.size[key]
+                    change[high + 1] -= self.size[key]
+                    low, high = a, b
+                else:
+                    high = max(high, b)
+            change[low] += self.size[key]
+            change[high + 1] -= self.size[key]
+        levels, running = [], 0
+        for j in range(top + 1):
+            running += change[j]
+            levels.append(running)
+        return [self.base[j] + levels[j] if self.base[j] is not None else 0
+                for j in range(top + 1)]
+
+
+def _branch_and_bound(graph: PlanGraph, costs: CostModel, budget_bytes: int,
+                      max_evaluations: int) -> ExactResult:
+    start = time.perf_counter()
+    space = plan_space(graph, costs)
+    bound = _PeakBound(graph, costs, space)
+    position = {name: i for i, name in enumerate(bound.order)}
+    units = sorted(space.groups, key=lambda group: position[group[0]])
+    unit_seconds = [sum(costs.node[name].forward_seconds for name in group)
+                    for group in units]
+    unit_positions = [sorted(position[name] for name in group) for group in units]
+    state: list[str | None] = ["K"] * len(bound.order)
+    for positions in unit_positions:
+        for i in positions:
+            state[i] = None
+    evaluations = 0
+    best: list = [float("inf"), None]
+    capped = False
+
+    def done(status, objective=None, decisions=None) -> ExactResult:
+        return ExactResult(status=status, objective=objective, decisions=decisions,
+                           evaluations=evaluations, seconds=time.perf_counter() - start,
+                           units=len(units))
+
+    def evaluate(chosen: list[int]) -> int:
+        nonlocal evaluations
+        evaluations += 1
+        decisions = {name: "keep" for name in space.candidates}
+        for index in chosen:
+            for name in units[index]:
+                decisions[name] = "recompute"
+        return simulate(graph, costs, decisions).peak_bytes
+
+    def extra_cost(frontier: int, remaining: range) -> float | None:
+        """A lower bound of the recompute seconds the undecided units must add (None: no
+        completion fits). Keeping every undecided unit gives the most held bytes; making
+        unit ``u`` recompute instead removes at most what it saves before each slot."""
+        trial = list(state)
+        for index in remaining:
+            for i in unit_positions[index]:
+                trial[i] = "K"
+        levels = bound.profile(trial, len(trial))
+        worst = sorted(bound.slots, key=lambda j: levels[j], reverse=True)[:3]
+        need = 0.0
+        for j in worst:
+            excess = levels[j] - budget_bytes
+            if excess <= 0:
+                break
+            options = []
+            for index in remaining:
+                freed = sum(bound.size[key] for i in unit_positions[index] if i < j
+                            for key in bound.saved[i])
+                if freed:
+                    options.append((unit_seconds[index] / freed, freed, unit_seconds[index]))
+            options.sort()
+            seconds = 0.0
+            for ratio, freed, _ in options:
+                take = min(freed, excess)
+                seconds += ratio * take
+                excess -= take
+                if excess <= 0:
+                    break
+            if excess > 0:
+                return None
+            need = max(need, seconds)
+        return need
+
+    def search(index: int, chosen: list[int], spent: float) -> None:
+        nonlocal capped
+        if capped:
+            return
+        frontier = unit_positions[index][0] if index < len(units) else len(state)
+        levels = bound.profile(state, frontier)
+        if max(levels[j] for j in bound.slots) > budget_bytes:
+            return
+        if index == len(units):
+            if evaluations >= max_evaluations:
+                capped = True
+                return
+            if evaluate(chosen) <= budget_bytes:
+                best[0], best[1] = spent, list(chosen)
+            return
+        extra = extra_cost(frontier, range(index, len(units)))
+        if extra is None or spent + extra >= best[0] - TINY:
+            return
+        for choice in ("K", "R"):
+            cost = spent + (unit_seconds[index] if choice == "R" else 0.0)
+            if cost >= best[0] - TINY:
+                continue
+            for i in unit_positions[index]:
+                state[i] = choice
+            search(index + 1, chosen + [index] if choice == "R" else chosen, cost)
+            for i in unit_positions[index]:
+                state[i] = None
+
+    if bound.base_forward > budget_bytes:
+        return done("infeasible")
+    search(0, [], 0.0)
+    if capped:
+        return done("unknown")
+    if best[1] is None:
+        return done("infeasible")
+    decisions = {name: "keep" for name in space.candidates}
+    for index in best[1]:
+        for name in units[index]:
+            decisions[name] = "recompute"
+    return done("optimal", sum(unit_seconds[i] for i in best[1]), decisions)
