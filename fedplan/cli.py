@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--min-bits", type=int, default=4, choices=(2, 3, 4, 8),
                           help="lowest code width the ilp may compress to; 3 is channel-wise "
                                "mixed (default: 4)")
-    compile_.add_argument("--backend", default="CP_SAT",
-                          choices=("CP_SAT", "HIGHS", "SCIP", "CBC"),
-                          help="OR-Tools backend of the ilp solver (default: CP_SAT)")
+    compile_.add_argument("--backend", default="CBC",
+                          choices=("CBC", "CP_SAT", "HIGHS", "SCIP"),
+                          help="OR-Tools backend of the ilp solver (default: CBC)")
     compile_.add_argument("--time-limit", type=float, default=30.0, metavar="S",
                           help="solver time limit in seconds (default: 30)")
     compile_.add_argument("--workers", type=int, default=8, metavar="N",

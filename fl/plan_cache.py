@@ -131,7 +131,8 @@ class PlanCache:
         self.solver = solver
         self.compress, self.min_bits = bool(compress), int(min_bits)
         self.failures: list[dict[str, Any]] = []  # buckets whose first solve raised
-        # one worker: CP-SAT is then deterministic for a seed (several race)
+        # one worker: the solve is then deterministic for a seed (CP-SAT workers race;
+        # CBC is single-threaded)
         self.options = options or fedplan.SolverOptions(workers=1, time_limit_seconds=20.0)
         self.say = progress or (lambda _m: None)
         self._entries: dict[tuple, CachedPlan | Infeasible] = {}

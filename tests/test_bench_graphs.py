@@ -168,14 +168,20 @@ def test_ilp_gap_to_exact_is_zero_where_it_reports_optimal(layers, width, seed, 
         assert gap.ilp_status == "infeasible"
 
 
-def test_ilp_gap_where_its_upper_bound_model_was_too_cautious():
-    """The ILP's memory model is an upper bound: on this graph its optimum (32) recomputed
-    what the budget does not need; the simulator-checked polish gives it back and reaches
-    the exact optimum (30). (On layered-12x3-s1 at 0.8 a 35-vs-32 gap remains: a
-    different plan, not a subset; reported in BENCHMARKS.md.)"""
-    problem = layered_problem(8, 2, 0)
-    gap = gap_to_exact(problem, 0.9, max_evaluations=20_000)
+@pytest.mark.parametrize("shape, fraction, ilp_model, exact", [
+    ((8, 2, 0), 0.9, 32, 30),   # the model's optimum recomputes what is not needed
+    ((12, 3, 1), 0.8, 35, 32),  # a different plan, not a subset: needs a swap
+])
+def test_ilp_gap_where_its_upper_bound_model_was_too_cautious(shape, fraction, ilp_model,
+                                                             exact):
+    """The ILP's memory model is an upper bound: on these graphs its optimum (ilp_model)
+    misses cheaper plans the simulator accepts; the simulator-driven local search
+    (planner.solvers.refine) after the ILP reaches the exact optimum."""
+    problem = layered_problem(*shape)
+    gap = gap_to_exact(problem, fraction, max_evaluations=20_000)
     assert gap.ilp_status == "optimal"
+    assert gap.exact_recompute == exact
+    assert gap.ilp_recompute == exact
     assert gap.gap == 0.0
 
 

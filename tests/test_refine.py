@@ -16,7 +16,6 @@ from fedplan.planner.graphs import RAM_SCALE, SECONDS_PER_CPU, no_recompute_peak
 from fedplan.planner.simulate import simulate
 from fedplan.planner.solvers import overhead_seconds
 from fedplan.planner.solvers.greedy import greedy_decisions
-from fedplan.planner.solvers.ilp import polish
 from fedplan.planner.solvers.refine import refine
 
 
@@ -39,6 +38,18 @@ def recomputing(problem, names) -> dict[str, str]:
 # f1-f6, f9 and f10 recomputed, 35 units. Its memory model is an upper bound, so it
 # proves 35 optimal although the simulator accepts a 32-unit plan.
 ILP_PLAN_12X3_S1 = ("f1", "f2", "f3", "f4", "f5", "f6", "f9", "f10")
+
+
+def polish(graph, costs, decisions, budget):
+    """Give recomputed units back to keep, one at a time, while the simulator accepts it
+    (what solve_ilp did before refine): the baseline refine must beat."""
+    current = dict(decisions)
+    for group in plan_space(graph, costs).groups:
+        if all(current.get(name) == "recompute" for name in group):
+            trial = {**current, **{name: "keep" for name in group}}
+            if simulate(graph, costs, trial).peak_bytes <= budget:
+                current = trial
+    return current
 
 
 def test_refine_closes_the_ilp_gap_that_polish_leaves():

@@ -17,6 +17,8 @@ from ortools.sat.python import cp_model
 from ..cost import CostModel
 
 KIB = 1024
+# Above this many decision units presolve skips probing (measured in BENCHMARKS.md).
+PROBING_UNITS = 400
 
 
 def _up(value_kib: float) -> int:
@@ -142,7 +144,12 @@ class CpSatModel:
                 model.AddBoolOr([r.Not(), before, start])  # r and not before -> start
             starts.append(start)
         if starts and facts.region_kib > 0:
-            fixed = fixed + _up(facts.region_kib) * sum(starts)
+            # one variable for the regions' bytes: inlining the sum into every memory
+            # constraint made the model quadratic (2.8 M terms on a 966-node ViT, 7.7 s of
+            # presolve before any search)
+            regions = model.NewIntVar(0, _up(facts.region_kib) * len(starts), "regions")
+            model.Add(regions == _up(facts.region_kib) * sum(starts))
+            fixed = fixed + regions
         for i in range(n):
             live += live_delta[i]
             prefix = model.NewIntVar(0, total, f"Rf_{i}")
@@ -197,16 +204,49 @@ class CpSatModel:
         self.solver.parameters.max_time_in_seconds = options.time_limit_seconds
         self.solver.parameters.num_workers = options.workers
         self.solver.parameters.random_seed = options.seed
+        if unit_count > PROBING_UNITS:
+            # presolve's probing costs 1.1 s of a 5 s budget on a 962-unit model and
+            # bought nothing there (BENCHMARKS.md, "ILP solve time")
+            self.solver.parameters.cp_model_probing_level = 0
 
-    def hint(self, decisions: Mapping[str, str]) -> None:
+    def set_time_limit(self, seconds: float) -> None:
+        self.solver.parameters.max_time_in_seconds = seconds
+
+    def hint(self, decisions: Mapping[str, str], *, complete_seconds: float = 0.0) -> bool:
+        """Hint the decisions; with ``complete_seconds`` > 0, complete the hint.
+
+        A hint of the decisions alone leaves CP-SAT to find the thousands of auxiliary
+        values (retention, prefix sums, region chains) itself: on a 962-unit model it took
+        5-8 s to turn the greedy hint into a first solution. Completing it is one short
+        solve of a copy of the model with the decisions fixed (0.3 s there); CP-SAT then
+        starts from a complete, feasible hint. Returns whether the hint was completed
+        (False also when the decisions do not fit the model's conservative memory bound).
+        """
         values: dict[int, int] = {}
         for name, unit in self.facts.unit_of.items():  # a tied unit recomputes if all do
             recompute = 1 if decisions.get(name) == "recompute" else 0
             values[unit] = min(values.get(unit, 1), recompute)
-        for g, var in enumerate(self.r):
-            self.model.AddHint(var, values.get(g, 0))
-        for (node, name), var in self.c.items():
-            self.model.AddHint(var, 1 if decisions.get(node) == f"compress:{name}" else 0)
+        fixed = [(var, values.get(g, 0)) for g, var in enumerate(self.r)] + [
+            (var, 1 if decisions.get(node) == f"compress:{name}" else 0)
+            for (node, name), var in self.c.items()]
+        if complete_seconds > 0:
+            copy = self.model.Clone()
+            for var, value in fixed:
+                copy.Add(copy.GetBoolVarFromProtoIndex(var.Index()) == value)
+            solver = cp_model.CpSolver()
+            solver.parameters.num_workers = 1
+            solver.parameters.max_time_in_seconds = complete_seconds
+            solver.parameters.stop_after_first_solution = True
+            solver.parameters.random_seed = self.solver.parameters.random_seed
+            if solver.Solve(copy) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                solution = solver.ResponseProto().solution
+                for index in range(len(self.model.Proto().variables)):
+                    self.model.AddHint(self.model.GetIntVarFromProtoIndex(index),
+                                       solution[index])
+                return True
+        for var, value in fixed:
+            self.model.AddHint(var, value)
+        return False
 
     def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
         """(status, decisions, objective seconds, bound seconds)."""

@@ -39,6 +39,7 @@ from ..ir import PlanGraph
 from ..simulate import simulate
 from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
 from ._cpsat import CpSatModel
+from .refine import refine
 
 KIB = 1024.0
 # Producer-consumer spans longer than this are modelled as crossing a region boundary (the
@@ -358,7 +359,12 @@ class _Model:
             start = solver.NumVar(0, 1, f"start_{i}")
             solver.Add(start >= r - (before if before is not None else 0))
             starts.append(start)
-        fixed = facts.fixed + facts.region_kib * solver.Sum(starts) if starts else facts.fixed
+        fixed = facts.fixed
+        if starts and facts.region_kib > 0:
+            # one variable, not the sum inlined into every memory row (quadratic size)
+            regions = solver.NumVar(0, infinity, "regions")
+            solver.Add(regions == facts.region_kib * solver.Sum(starts))
+            fixed = facts.fixed + regions
 
         # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
         h: dict[str, object] = {}
@@ -515,7 +521,8 @@ class _Model:
         else:
             solver.Minimize(recompute_ms)
         solver.SetTimeLimit(int(options.time_limit_seconds * 1000))
-        solver.SetNumThreads(options.workers)
+        if options.backend != "CBC":  # CBC here is single-threaded; it prints an error
+            solver.SetNumThreads(options.workers)
         # HiGHS prints a banner on stdout (which would corrupt --json) unless output_flag
         # is off; pywraplp reports False for these HiGHS strings but applies them.
         seeds = {"HIGHS": f"output_flag = false\nrandom_seed = {options.seed}",
@@ -524,7 +531,11 @@ class _Model:
         if options.backend in seeds:
             solver.SetSolverSpecificParametersAsString(seeds[options.backend])
 
-    def hint(self, decisions: Mapping[str, str]) -> None:
+    def set_time_limit(self, seconds: float) -> None:
+        self.solver.SetTimeLimit(int(seconds * 1000))
+
+    def hint(self, decisions: Mapping[str, str], *, complete_seconds: float = 0.0) -> None:
+        """Hint the decisions (the MIP backends complete a hint themselves)."""
         if self.backend == "HIGHS":
             # pywraplp's SetHint crashes the HiGHS backend (segfault in Solve, OR-Tools
             # 9.15.6755, reproduced on a 5-variable model); HiGHS runs without a hint.
@@ -555,43 +566,6 @@ class _Model:
         return state, decisions, objective.Value() / 1e3, objective.BestBound() / 1e3
 
 
-def polish(graph: PlanGraph, costs: CostModel, decisions: dict[str, str], budget_bytes: int,
-           *, max_simulations: int = 60) -> dict[str, str]:
-    """Give decisions back to ``keep`` while the exact simulator says the plan still fits.
-
-    The ILP's memory model is an upper bound of the simulator's, so its optimum can
-    recompute or compress what the budget does not need. Units are tried most expensive
-    first (a tied unit changes as a whole); at most ``max_simulations`` simulator runs.
-    """
-    space = plan_space(graph, costs)
-    by_node = {item.node: item for item in costs.compress}
-
-    def cost(name: str) -> float:
-        decision = decisions.get(name, "keep")
-        if decision == "recompute":
-            return costs.node[name].forward_seconds
-        if decision.startswith("compress:") and name in by_node:
-            return by_node[name].seconds(decision.split(":", 1)[1])
-        return 0.0
-
-    changes = []  # (seconds saved, names set to keep)
-    for group in space.groups:
-        if all(decisions.get(n) == "recompute" for n in group):
-            changes.append((sum(cost(n) for n in group), list(group)))
-        for name in group:
-            if decisions.get(name, "").startswith("compress:"):
-                changes.append((cost(name), [name]))
-    changes.sort(key=lambda item: -item[0])
-    current = dict(decisions)
-    for _, names in changes[:max_simulations]:
-        trial = dict(current)
-        for name in names:
-            trial[name] = "keep"
-        if simulate(graph, costs, trial).peak_bytes <= budget_bytes:
-            current = trial
-    return current
-
-
 def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
            options: SolverOptions):
     if options.backend == "CP_SAT":
@@ -600,11 +574,17 @@ def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
 
 
 def solve_min_peak(graph: PlanGraph, costs: CostModel,
-                   options: SolverOptions | None = None) -> dict[str, str] | None:
-    """Decisions that minimise the modelled peak, or None if none was found in time."""
+                   options: SolverOptions | None = None,
+                   hint: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """Decisions that minimise the modelled peak, or None if none was found in time.
+
+    ``hint``: a plan to start from (completed, so the search begins at its peak).
+    """
     options = options or SolverOptions(time_limit_seconds=20)
     unit_of = coarse_units(graph, costs, MAX_UNITS)
     model = _build(_facts(graph, costs, unit_of, options), costs, None, options)
+    if hint:
+        model.hint(hint, complete_seconds=0.1 * options.time_limit_seconds)
     _, decisions, _, _ = model.solve()
     return decisions or None
 
@@ -622,11 +602,25 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     notes = []
     if facts.optimizer_peak * KIB > budget_bytes:
         raise infeasible(graph, costs, budget_bytes, "ilp", options)
-    warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=60)
+    # The time limit holds for the whole call: warm start, build, search and refine. The
+    # warm start and the refine run the simulator; each gets a tenth of the limit.
+    deadline = start + options.time_limit_seconds
+    probe = time.perf_counter()
+    simulate(graph, costs)
+    simulation = max(time.perf_counter() - probe, 1e-4)
+    runs = int(0.1 * options.time_limit_seconds / simulation)
+    warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=min(60, max(runs, 5)))
             if options.warm_start else None)
     model = _build(facts, costs, budget_bytes, options)
     if warm:
-        model.hint(warm)
+        left = deadline - time.perf_counter()
+        completed = model.hint(warm, complete_seconds=max(0.05, 0.1 * left))
+        if completed is False:
+            notes.append("the greedy warm start does not fit the ILP's conservative memory "
+                         "model; CP-SAT searched from a partial hint")
+    # leave room for the refine and the caller's check of the plan by the simulator
+    reserve = 0.02 * options.time_limit_seconds + (min(60, max(runs, 5)) + 3) * simulation
+    model.set_time_limit(max(0.05, deadline - time.perf_counter() - reserve))
     state, decisions, objective, bound = model.solve()
     coarsened = units < space_units
     if coarsened:
@@ -634,12 +628,15 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                      f"(above {MAX_UNITS}); optimal within the coarse space only")
     built = time.perf_counter() - start
     if state in ("optimal", "feasible"):
-        polished = polish(graph, costs, decisions, budget_bytes)
-        if polished != decisions:
+        refined = refine(graph, costs, decisions, budget_bytes,
+                         max_simulations=min(60, max(runs, 5)))
+        if refined != decisions:
             notes.append(f"the simulator showed the ILP's upper-bound memory model too "
-                         f"cautious: {sum(polished[n] != decisions[n] for n in polished)} "
-                         f"decisions given back to keep")
-            decisions = polished
+                         f"cautious: {sum(refined[n] != decisions[n] for n in refined)} "
+                         f"decisions changed by the local search, "
+                         f"{overhead_seconds(costs, decisions) * 1e3:.3f} -> "
+                         f"{overhead_seconds(costs, refined) * 1e3:.3f} ms")
+            decisions = refined
             objective = overhead_seconds(costs, decisions)
         if warm and overhead_seconds(costs, warm) < overhead_seconds(costs, decisions):
             # the ILP's memory model is an upper bound; the greedy, judged by the exact
@@ -673,10 +670,14 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     if facts.compress:
         # the greedy does not compress: start from the plan of least peak (compression
         # included) and give back what the budget does not need, judged by the simulator
-        lowest = solve_min_peak(graph, costs, options)
+        from dataclasses import replace
+
+        from .greedy import greedy_min_peak
+        lowest = solve_min_peak(graph, costs, replace(options, backend="CP_SAT"),
+                                hint=greedy_min_peak(graph, costs))
         if lowest and simulate(graph, costs, lowest).peak_bytes <= budget_bytes:
-            lowest = polish(graph, costs, lowest, budget_bytes, max_simulations=200)
-            notes.append(f"{reason}; returned the least-peak plan, polished by the "
+            lowest = refine(graph, costs, lowest, budget_bytes, max_simulations=200)
+            notes.append(f"{reason}; returned the least-peak plan, refined by the "
                          f"simulator")
             return SolveResult(decisions=lowest, status="heuristic",
                                objective=overhead_seconds(costs, lowest), bound=None,
