@@ -4,7 +4,8 @@ The ILP's memory model is an upper bound of the simulator's, so its optimum can 
 cheaper plans the simulator accepts: on ``layered-12x3-s1`` at budget 0.8 it recomputes
 ``f9`` and ``f10`` (11 ms) where recomputing ``f0`` and ``f17`` (8 ms) also fits, because
 recomputing ``f0`` merges two checkpoint regions and drops a region input the model
-counts. Giving decisions back (``ilp.polish``) cannot find that: it needs a swap.
+counts. Only giving decisions back (the polish step it replaces) cannot find that: it
+needs a swap.
 
 ``refine`` runs rounds of two steps over the decision units (``planner.candidates``; a
 unit changes as a whole):
@@ -12,7 +13,7 @@ unit changes as a whole):
 1. **probe**: toggle single units (recomputed ones back to keep, kept ones to recompute)
    and record how each changes the memory profile (the simulator's level at every
    forward, backward and optimizer step). A recomputed unit that can be given back is
-   given back at once (what ``polish`` does). Small plans probe every unit; large ones
+   given back at once (what the old polish did). Small plans probe every unit; large ones
    the recomputed units that cost the most per byte they free and the kept units that
    free the most bytes per second;
 2. **moves**: give back one or two recomputed units and recompute up to two cheaper
