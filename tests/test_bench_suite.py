@@ -149,3 +149,14 @@ def test_goals_interpolate_fedplan_at_compile_peaks():
     assert anyplan["compile_peaks_below_fedplan_range"] == 0
     assert goal["smallest_peak_ratio"]["m"] == pytest.approx(60 / 50)
     assert goal["smallest_peak_ratio_with_compress"]["m"] == pytest.approx(40 / 50)
+
+
+def test_solver_only_runs_outside_the_repository(tmp_path, monkeypatch, capsys):
+    """--solver-only needs no example model files, so it runs from any directory."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "--solver-only", "--quick", "--gap-graphs", "6x2", "--gap-seeds",
+                 "1", "--gap-fractions", "0.9", "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["points"] == 0
+    assert payload["goals"]["ilp_gap"] == {"graphs": 1, "known": 1, "worst": 0.0, "met": True}

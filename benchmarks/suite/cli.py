@@ -189,7 +189,10 @@ def config_from_args(args: argparse.Namespace, root: Path) -> BenchConfig:
     planners = _planners(args.planners) if args.planners else tuple(
         p for p in PLANNERS if not (quick and p == "torch.compile"))
     repeats = args.repeats if args.repeats is not None else (2 if quick else 5)
-    return BenchConfig(models=model_paths(tuple(models) if models else None, root),
+    # --solver-only runs no model: it must not need the example files (any directory)
+    paths = () if getattr(args, "solver_only", False) else model_paths(
+        tuple(models) if models else None, root)
+    return BenchConfig(models=paths,
                        budgets=budgets, planners=planners, batch_size=args.batch_size,
                        repeats=repeats, time_limit=args.time_limit)
 
