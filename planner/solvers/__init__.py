@@ -113,13 +113,14 @@ def overhead_seconds(costs: CostModel, decisions: dict[str, str]) -> float:
                if decision == "recompute") + compress_seconds(costs, decisions)
 
 
-def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | None = None
-                 ) -> tuple[int, dict[str, int]]:
-    """The smallest peak the plan space reaches, and its breakdown.
+def least_peak_decisions(graph: PlanGraph, costs: CostModel,
+                         options: SolverOptions | None = None) -> dict[str, str]:
+    """The plan of the smallest simulated peak fedplan finds in its plan space.
 
-    The lower of the ILP in min-peak mode and the greedy's lowest segment plan, both
-    measured by the simulator. With ``options.compress`` the plan space includes
-    compression down to ``options.min_bits``.
+    The lower of the ILP in min-peak mode (CP-SAT, started from the greedy's plan) and the
+    greedy's lowest segment plan, both measured by the simulator. With ``options.compress``
+    the plan space includes compression down to ``options.min_bits``. A search, not a
+    proof: the true least peak can be lower.
     """
     from dataclasses import replace
 
@@ -135,7 +136,14 @@ def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | No
         decisions = solve_min_peak(graph, costs, search, hint=candidates[0])
         if decisions:
             candidates.append(decisions)
-    best = min((simulate(graph, costs, d) for d in candidates), key=lambda t: t.peak_bytes)
+    return min(candidates, key=lambda d: simulate(graph, costs, d).peak_bytes)
+
+
+def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | None = None,
+                 decisions: dict[str, str] | None = None) -> tuple[int, dict[str, int]]:
+    """The smallest peak the plan space reaches (as far as fedplan's search finds), and its
+    breakdown; ``decisions``: the least-peak plan when the caller already has it."""
+    best = simulate(graph, costs, decisions or least_peak_decisions(graph, costs, options))
     return best.peak_bytes, best.breakdown
 
 
@@ -235,9 +243,10 @@ def last_readers(graph: PlanGraph, costs: CostModel, decisions: dict[str, str]
 
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
-               options: SolverOptions | None = None) -> BudgetInfeasibleError:
+               options: SolverOptions | None = None,
+               least_peak: dict[str, str] | None = None) -> BudgetInfeasibleError:
     """The error for a budget below what the plan space reaches, with the smallest peak."""
-    smallest, breakdown = minimum_peak(graph, costs, options)
+    smallest, breakdown = minimum_peak(graph, costs, options, least_peak)
     parts = ", ".join(f"{key.replace('_', ' ')} {value} B" for key, value in breakdown.items())
     compressing = options is not None and options.compress and costs.compress
     hint = (f"lower --min-bits (now {options.min_bits})" if compressing and
@@ -249,5 +258,6 @@ def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
         smallest_bytes=smallest, breakdown=breakdown)
 
 
-__all__ = ["SolveResult", "SolverOptions", "get_solver", "infeasible", "minimum_peak",
+__all__ = ["SolveResult", "SolverOptions", "get_solver", "infeasible", "least_peak_decisions",
+           "minimum_peak",
            "overhead_seconds", "register", "solve", "solver_names"]
