@@ -87,7 +87,8 @@ def predicted_vs_measured(points: list[dict], path: Path) -> Path:
     axis.set_yscale("log")
     axis.set_xlabel("measured peak (MiB)")
     axis.set_ylabel("predicted peak (MiB)")
-    axis.legend(fontsize=8)
+    if pairs:  # a --solver-only run has no model points: no legend to draw
+        axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     result = _save(fig, path)
     plt.close(fig)
