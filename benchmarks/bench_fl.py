@@ -8,8 +8,11 @@ tiers scaled so the 6GB tier gets 1.1x the keep-all peak (54 of 100 clients belo
 keep-all), ``examples/mnist_mbconv.py``, two local epochs, batch 16, SGD lr 0.05.
 Setting ``independent``: Dirichlet label skew over all clients. Setting ``correlated``:
 clients below the keep-all peak hold 95 % of classes 0-4, the others 95 % of classes 5-9.
-``fedhybrid`` runs with its round deadline at the median planned round time
-(``SELECTOR_OPTIONS``); the other selectors with their defaults.
+``fedhybrid`` runs with its round deadline starting at the median planned round time and
+relaxed by Oort's pacer (``SELECTOR_OPTIONS``: window 8 rounds, step 0.05 of the quantile);
+the other selectors with their defaults. ``--with-fixed-deadline`` adds a fifth run,
+``fedhybrid-fixed``: the same selector with the deadline fixed at the median (the previous
+variant), for comparison on the same federation.
 One process per (setting, seed) (``--jobs`` at most 2) builds the federation once
 (tracing, measuring, one plan per budget bucket: nothing in it depends on the selector)
 and runs the four selectors on it, each from the same initial weights and seed.
@@ -43,17 +46,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "examples" / "mnist_mbconv.py")
 SELECTORS = ("fedhybrid", "exclude", "random", "oort")
+FIXED = "fedhybrid-fixed"
+"""The label of the optional run of fedhybrid with the deadline that never relaxes."""
 SETTINGS = {"correlated": "correlated", "independent": "dirichlet"}  # (b) first
-SELECTOR_OPTIONS = {"fedhybrid": {"deadline_quantile": 0.5}}
-"""Per-selector options (:mod:`fedplan.fl.selectors`): fedhybrid's round deadline is the
-median planned round time, the same quantile as its pacer; chosen before any run, not on
-the accuracies below."""
+SELECTOR_OPTIONS = {
+    "fedhybrid": {"deadline_quantile": 0.5, "pacer_window": 8, "pacer_step": 0.05},
+    FIXED: {"deadline_quantile": 0.5},
+}
+"""Per-run options (:mod:`fedplan.fl.selectors`): fedhybrid's round deadline starts at the
+median planned round time, the same quantile as its pacer; Oort's pacer relaxes it by
+Oort's step (5 percentile points) with Oort's window of 20 rounds scaled by the
+exploration schedule's time constant, ``20 x (1 - 0.98) / (1 - 0.95) = 8`` (Oort's
+exploration decay 0.98, ours 0.95). All chosen before any run, not on the accuracies
+below."""
 
 
 def run_setting(setting: str, rounds: int, out: str, seed: int, prefix: str = "",
-                max_rounds: int | None = None) -> list[dict]:
-    """The four selectors on one federation; with ``max_rounds``, each but ``random`` runs
-    on past ``rounds`` until its clock reaches random's (at most ``max_rounds`` rounds)."""
+                max_rounds: int | None = None, with_fixed: bool = False) -> list[dict]:
+    """The four selectors on one federation (five runs with ``with_fixed``); with
+    ``max_rounds``, each but ``random`` runs on past ``rounds`` until its clock reaches
+    random's (at most ``max_rounds`` rounds)."""
     import dataclasses
 
     from fedplan.fl.report import write_outputs
@@ -68,12 +80,14 @@ def run_setting(setting: str, rounds: int, out: str, seed: int, prefix: str = ""
              "setup_cpu_seconds": time.process_time() - cpu}
     results = []
     budget = math.inf  # random's simulated seconds, once it has run
-    for selector in sorted(SELECTORS, key=lambda name: name != "random"):  # random first
+    labels = SELECTORS + ((FIXED,) if with_fixed else ())
+    for label in sorted(labels, key=lambda name: name != "random"):  # random first
+        selector = "fedhybrid" if label == FIXED else label
         wall, cpu = time.perf_counter(), time.process_time()
         fed = dataclasses.replace(federation, config=dataclasses.replace(
             config, selector=selector,
-            selector_options=dict(SELECTOR_OPTIONS.get(selector, {}))))
-        folder = Path(out) / f"{prefix}{setting}-{selector}"
+            selector_options=dict(SELECTOR_OPTIONS.get(label, {}))))
+        folder = Path(out) / f"{prefix}{setting}-{label}"
         server = Server(fed, out_dir=folder)
         server.run()
         if max_rounds is not None and selector != "random":
@@ -83,6 +97,17 @@ def run_setting(setting: str, rounds: int, out: str, seed: int, prefix: str = ""
                                                         rounds=server.round + 1)
                     server.run_round()
         result = server.result()
+        result["selector"] = label
+        if selector == "fedhybrid":
+            pacer = server.selector
+            k = config.clients_per_round
+            deadline = pacer.round_deadline(fed.candidates, k)
+            result["pacer"] = {
+                "relaxations": pacer.relaxations,
+                "deadline_quantile": pacer.current_deadline_quantile(),
+                "deadline_seconds": deadline,
+                "samples_within": sum(c.num_samples for c in fed.candidates
+                                      if c.feasible and c.round_seconds <= deadline)}
         if selector == "random":
             budget = result["simulated_seconds"]
         result["accuracy_at_min_rounds"] = result["history"][rounds - 1]["accuracy"]
@@ -90,9 +115,9 @@ def run_setting(setting: str, rounds: int, out: str, seed: int, prefix: str = ""
         result["cpu_seconds"] = time.process_time() - cpu
         write_outputs(result, folder)
         results.append({"setting": setting, "seed": seed, **setup, **result})
-        print(f"seed {seed} {setting} {selector}: final {result['final_accuracy']:.3f} "
+        print(f"seed {seed} {setting} {label}: final {result['final_accuracy']:.3f} "
               f"wall {result['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-    order = {name: j for j, name in enumerate(SELECTORS)}
+    order = {name: j for j, name in enumerate(SELECTORS + (FIXED,))}
     return sorted(results, key=lambda r: order[r["selector"]])
 
 
@@ -141,6 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rounds", type=int, default=120,
                         help="at most this many rounds for a selector still short of "
                              "random's simulated time after --rounds (default 120)")
+    parser.add_argument("--with-fixed-deadline", action="store_true",
+                        help="also run fedhybrid with its deadline fixed at the median "
+                             "(no pacer), as 'fedhybrid-fixed'")
     parser.add_argument("--fixed-rounds", action="store_true",
                         help="every selector runs exactly --rounds rounds (no equal "
                              "simulated time)")
@@ -155,7 +183,8 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(tasks)))) as pool:
         futures = [pool.submit(run_setting, s, args.rounds, args.out, seed,
                                f"seed{seed}-" if len(seeds) > 1 else "",
-                               None if args.fixed_rounds else args.max_rounds)
+                               None if args.fixed_rounds else args.max_rounds,
+                               args.with_fixed_deadline)
                    for s, seed in tasks]
         results = [r for f in futures for r in f.result()]
     wall = time.perf_counter() - start
@@ -197,6 +226,13 @@ def main(argv=None) -> int:
         mine = [r for r in results if r["seed"] == seed]
         fed = mine[0]["federation"]
         setups = {r["setting"]: round(r["setup_wall_seconds"]) for r in mine}
+        for r in mine:
+            if "pacer" in r:
+                p = r["pacer"]
+                print(f"\nseed {seed} {r['setting']} {r['selector']}: deadline relaxed "
+                      f"{p['relaxations']} times, to quantile {p['deadline_quantile']:.2f} "
+                      f"= {p['deadline_seconds']:.4f} s, {p['samples_within']} samples "
+                      f"within it")
         peaks = [m["max_peak_over_budget"] for r in mine for m in r["history"]
                  if math.isfinite(m["max_peak_over_budget"])]
         print(f"\nseed {seed}: keep-all peak {fed['keep_all_peak_bytes']} B; clients below "

@@ -66,6 +66,15 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                      help="fedhybrid only: select only clients whose planned round time is "
                           "at most the Q-quantile of all feasible clients' (0 < Q <= 1; "
                           "default: no deadline; the memory-wall benchmark uses 0.5)")
+    sim.add_argument("--pacer-window", type=int, default=None, metavar="W",
+                     help="fedhybrid with --deadline-quantile only: Oort's pacer relaxes the "
+                          "deadline (and the compute pacer) by --pacer-step of the quantile "
+                          "every W rounds in which the exploited clients' statistical "
+                          "utility summed over the last W rounds fell below the W before "
+                          "(default: never relaxes; the memory-wall benchmark uses 8)")
+    sim.add_argument("--pacer-step", type=float, default=None, metavar="D",
+                     help="with --pacer-window: the quantile step (0 < D <= 1; default 0.05, "
+                          "Oort's 5 percentile points)")
     sim.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
     sim.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     sim.add_argument("--out", default=None, metavar="DIR",
@@ -99,6 +108,22 @@ def _config(args: argparse.Namespace):
             raise BadInputError(f"expected --deadline-quantile in (0, 1]; found "
                                 f"{args.deadline_quantile}")
         options["deadline_quantile"] = args.deadline_quantile
+    if args.pacer_step is not None and args.pacer_window is None:
+        raise BadInputError(f"--pacer-step applies with --pacer-window; found --pacer-step "
+                            f"{args.pacer_step} alone; add --pacer-window W or drop it")
+    if args.pacer_window is not None:
+        if "deadline_quantile" not in options:
+            raise BadInputError("--pacer-window relaxes fedhybrid's deadline; found no "
+                                "--deadline-quantile; add e.g. --deadline-quantile 0.5")
+        if args.pacer_window < 1:
+            raise BadInputError(f"expected --pacer-window of at least 1 round; found "
+                                f"{args.pacer_window}")
+        options["pacer_window"] = args.pacer_window
+        if args.pacer_step is not None:
+            if not 0.0 < args.pacer_step <= 1.0:
+                raise BadInputError(f"expected --pacer-step in (0, 1]; found "
+                                    f"{args.pacer_step}")
+            options["pacer_step"] = args.pacer_step
     return SimConfig(model=args.model or DEFAULT_MODEL, dataset=args.dataset,
                      num_clients=args.clients, rounds=args.rounds,
                      clients_per_round=args.per_round, selector=args.selector,

@@ -63,6 +63,25 @@ times of one step, recomputation included, divided by its speed):
   ``k``-th smallest time keeps ``k`` clients eligible. The memory-wall benchmark runs
   ``fedhybrid`` with ``q = 0.5``, the pacer's quantile, not a value tuned on its
   accuracies.
+
+  Optional relaxing deadline (``pacer_window = W``; off by default, ``W = 0``): Oort's
+  pacer (Lai et al., OSDI'21, Algorithm 1: "if sum U(R-2W : R-W) > sum U(R-W : R) then
+  T <- T + Delta") applied to fedhybrid's ``T``. ``U(r)``, the exploited utility of round
+  ``r``, is the mean ``S_i`` its exploited clients reported (Oort's code,
+  ``calculateSumUtil``; 0 when none reported); a mean, not a sum, because the exploited
+  share of the ``k`` slots grows with ``1 - eps_r`` and a sum would grow with that
+  schedule, not with the data. At the selection of round ``R`` (``R`` rounds closed),
+  when ``R >= 2W`` and ``R`` is a multiple of ``W``: if
+  ``sum_{r=R-W}^{R-1} U(r) < sum_{r=R-2W}^{R-W-1} U(r)``, the deadline quantile ``q``
+  and the compute utility's pacer quantile both grow by ``Delta = pacer_step`` (capped
+  at 1, where the deadline is off). Oort's released code relaxes when the two sums are
+  within 10 % instead, and also tightens; we follow the paper's rule, which only relaxes.
+  The memory-wall benchmark takes ``W`` and ``Delta`` from Oort's defaults (FedScale:
+  ``pacer_step`` 20 rounds, ``pacer_delta`` 5 percentile points, ``exploration_decay``
+  0.98): ``Delta = 0.05`` unchanged (a share of the clients, not a time), ``W`` scaled
+  by the exploration schedule's time constant, ``20 x (1 - 0.98) / (1 - 0.95) = 8``
+  rounds (our decay is 0.95), so the pacer compares windows of the same phase of the
+  explore/exploit schedule as Oort's; fixed before any run with it.
 """
 
 from __future__ import annotations
@@ -168,6 +187,7 @@ class _UtilitySelector(Selector):
         self.exploration_min, self.ucb_c = exploration_min, ucb_c
         self.stat: dict[int, float] = {}    # S_i from the last successful round
         self.count: dict[int, int] = {}     # n_i: rounds observed (success or failure)
+        self._last_exploited: list[int] = []  # the last select's exploited clients
 
     # what the subclasses define
     def _prior(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
@@ -203,8 +223,8 @@ class _UtilitySelector(Selector):
             return utilities[c.client_id] / top + bonus
 
         known.sort(key=lambda c: (-score(c), order[c.client_id]))
-        chosen = explored + [c.client_id for c in known[:n_exploit]]
-        return sorted(chosen)
+        self._last_exploited = [c.client_id for c in known[:n_exploit]]
+        return sorted(explored + self._last_exploited)
 
     def _explore(self, fresh: list[Candidate], n: int, candidates: Sequence[Candidate],
                  order: dict[int, int], rng: np.random.Generator) -> list[int]:
@@ -259,23 +279,104 @@ class FedHybridSelector(_UtilitySelector):
     name = "fedhybrid"
 
     def __init__(self, *, keep_all_bytes: int, pacer_quantile: float = 0.5,
-                 alpha: float = 2.0, deadline_quantile: float = 1.0, **kw):
+                 alpha: float = 2.0, deadline_quantile: float = 1.0,
+                 pacer_window: int = 0, pacer_step: float = 0.05, **kw):
         super().__init__(**kw)
         if not 0.0 < deadline_quantile <= 1.0:
             raise ValueError(f"deadline_quantile must be in (0, 1] (1: no deadline); "
                              f"got {deadline_quantile!r}")
+        if int(pacer_window) != pacer_window or pacer_window < 0:
+            raise ValueError(f"pacer_window must be a whole number of rounds >= 0 "
+                             f"(0: the deadline never relaxes); got {pacer_window!r}")
+        if not 0.0 < pacer_step <= 1.0:
+            raise ValueError(f"pacer_step must be in (0, 1] (a quantile step); "
+                             f"got {pacer_step!r}")
         self.keep_all_bytes = int(keep_all_bytes)
         self.pacer_quantile, self.alpha = pacer_quantile, alpha
         self.deadline_quantile = float(deadline_quantile)
+        self.pacer_window, self.pacer_step = int(pacer_window), float(pacer_step)
+        self.relaxations = 0                    # times the pacer relaxed T by pacer_step
+        self.exploit_utility: list[float] = []  # per closed round: mean S_i of its exploited
+        self._open_round: int | None = None     # the round selected last, not yet closed
+        self._open_exploited: list[int] = []    # the clients that round exploited
+        self._open_rewards: list[float] = []    # S_i those of them reported
+
+    @property
+    def relaxed(self) -> float:
+        """What the pacer has added to both quantiles so far (``relaxations x step``)."""
+        return self.relaxations * self.pacer_step
+
+    def current_deadline_quantile(self) -> float:
+        return min(1.0, self.deadline_quantile + self.relaxed)
+
+    def current_pacer_quantile(self) -> float:
+        return min(1.0, self.pacer_quantile + self.relaxed)
 
     def round_deadline(self, candidates: Sequence[Candidate], k: int) -> float:
-        """``T_r``: the ``deadline_quantile`` of the feasible clients' planned round times,
-        raised to the ``k``-th smallest of them; ``inf`` without a deadline."""
+        """``T_r``: the current deadline quantile of the feasible clients' planned round
+        times, raised to the ``k``-th smallest of them; ``inf`` without a deadline."""
         times = sorted(c.round_seconds for c in candidates
                        if c.feasible and math.isfinite(c.round_seconds))
-        if self.deadline_quantile >= 1.0 or len(times) <= k:
+        quantile = self.current_deadline_quantile()
+        if quantile >= 1.0 or len(times) <= k:
             return math.inf
-        return max(float(np.quantile(times, self.deadline_quantile)), times[k - 1])
+        return max(float(np.quantile(times, quantile)), times[k - 1])
+
+    def _close_round(self) -> None:
+        """Append the last selected round's exploited utility to the pacer's history:
+        the mean ``S_i`` of its exploited clients that reported (Oort's
+        ``calculateSumUtil``: 0 when none did)."""
+        if self._open_round is None:
+            return
+        rewards = self._open_rewards
+        self.exploit_utility.append(sum(rewards) / len(rewards) if rewards else 0.0)
+        self._open_round, self._open_exploited, self._open_rewards = None, [], []
+
+    def pace(self, round_index: int) -> None:
+        """Oort's pacer (Lai et al., OSDI'21, Algorithm 1): every ``W`` rounds from round
+        ``2W`` on, relax ``T`` by one step when the exploited utility summed over the last
+        ``W`` rounds fell below the sum over the ``W`` rounds before."""
+        self._close_round()
+        window = self.pacer_window
+        if (window <= 0 or self.deadline_quantile >= 1.0 or round_index < 2 * window
+                or round_index % window or len(self.exploit_utility) < 2 * window):
+            return
+        last = sum(self.exploit_utility[-window:])
+        before = sum(self.exploit_utility[-2 * window:-window])
+        if last < before and self.current_deadline_quantile() < 1.0:
+            self.relaxations += 1
+
+    def select(self, round_index, candidates, k, rng):
+        self.pace(round_index)
+        chosen = super().select(round_index, candidates, k, rng)
+        self._open_round = round_index
+        self._open_exploited = sorted(self._last_exploited)
+        return chosen
+
+    def observe(self, round_index, client_id, *, num_samples, loss_sq_sum, loss_count):
+        super().observe(round_index, client_id, num_samples=num_samples,
+                        loss_sq_sum=loss_sq_sum, loss_count=loss_count)
+        if round_index == self._open_round and client_id in self._open_exploited:
+            self._open_rewards.append(self.stat[client_id])
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["pacer"] = {"relaxations": self.relaxations,
+                          "exploit_utility": list(self.exploit_utility),
+                          "open_round": self._open_round,
+                          "open_exploited": list(self._open_exploited),
+                          "open_rewards": list(self._open_rewards)}
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        pacer = state.get("pacer", {})
+        self.relaxations = int(pacer.get("relaxations", 0))
+        self.exploit_utility = [float(u) for u in pacer.get("exploit_utility", [])]
+        open_round = pacer.get("open_round")
+        self._open_round = None if open_round is None else int(open_round)
+        self._open_exploited = [int(c) for c in pacer.get("open_exploited", [])]
+        self._open_rewards = [float(u) for u in pacer.get("open_rewards", [])]
 
     def _pool(self, candidates, k):
         deadline = self.round_deadline(candidates, k)
@@ -294,7 +395,8 @@ class FedHybridSelector(_UtilitySelector):
     def _pacer(self, candidates: Sequence[Candidate]) -> float:
         times = [c.keep_all_round_seconds for c in candidates
                  if c.feasible and math.isfinite(c.keep_all_round_seconds)]
-        return float(np.quantile(times, self.pacer_quantile)) if times else math.inf
+        return float(np.quantile(times, self.current_pacer_quantile())) if times else \
+            math.inf
 
     def compute_utility(self, c: Candidate, candidates: Sequence[Candidate]) -> float:
         """``C_i = (T / t_i) ** alpha`` above the pacer ``T``, else 1 (0 without a plan)."""

@@ -348,3 +348,87 @@ def test_cli_deadline_quantile_is_for_fedhybrid_only(federation, capsys):
     assert "--deadline-quantile applies to --selector fedhybrid" in capsys.readouterr().err
     assert main(args[:-3] + ["fedhybrid", "--deadline-quantile", "1.5"]) == 2
     assert "expected --deadline-quantile in (0, 1]" in capsys.readouterr().err
+    assert main(args[:-3] + ["fedhybrid", "--pacer-window", "8"]) == 2
+    assert "found no --deadline-quantile" in capsys.readouterr().err
+    assert main(args[:-3] + ["fedhybrid", "--deadline-quantile", "0.5",
+                             "--pacer-window", "0"]) == 2
+    assert "expected --pacer-window of at least 1" in capsys.readouterr().err
+    assert main(args[:-3] + ["fedhybrid", "--deadline-quantile", "0.5",
+                             "--pacer-step", "0.1"]) == 2
+    assert "--pacer-step applies with --pacer-window" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fedhybrid's pacer
+
+def _drive(selector, cands, rounds, loss_of_round, *, start=0, k=3):
+    """Select and report for ``rounds`` rounds; every client reports mean squared loss
+    ``loss_of_round(r) ** 2`` over 20 samples, so ``S_i = 20 * loss_of_round(r)``."""
+    picks = []
+    for r in range(start, start + rounds):
+        chosen = selector.select(r, cands, k, np.random.default_rng(r))
+        picks.append(chosen)
+        for cid in chosen:
+            selector.observe(r, cid, num_samples=20,
+                             loss_sq_sum=20 * loss_of_round(r) ** 2, loss_count=20)
+    return picks
+
+
+def test_fedhybrid_pacer_relaxes_the_deadline_when_exploited_utility_falls():
+    from fedplan.fl.selectors import FedHybridSelector
+    cands = _timed_candidates([float(t) for t in range(1, 12)])  # planned 1..11 s
+    f = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5, pacer_window=2,
+                          pacer_step=0.1)
+    # falling losses: U(r) = 20 / (r + 1) once a round exploits; rounds 0 and 1 only
+    # explore (6 fresh eligible clients, 3 a round), so U(0) = U(1) = 0
+    _drive(f, cands, 6, lambda r: 1.0 / (r + 1))  # rounds 0-4 closed, round 5 open
+    assert f.exploit_utility[:2] == [0.0, 0.0]
+    assert f.exploit_utility[2:] == pytest.approx([20 / 3, 20 / 4, 20 / 5])
+    # at round 4: U(2) + U(3) > U(0) + U(1) = 0: no relaxation
+    assert f.relaxations == 0 and f.round_deadline(cands, 3) == 6.0
+    # at round 6: U(4) + U(5) < U(2) + U(3): q 0.5 -> 0.6, T_r = 7 s (and the pacer of C_i)
+    picks = _drive(f, cands, 2, lambda r: 1.0 / (r + 1), start=6)
+    assert f.relaxations == 1 and f.current_deadline_quantile() == pytest.approx(0.6)
+    assert f.current_pacer_quantile() == pytest.approx(0.6)
+    assert f.round_deadline(cands, 3) == pytest.approx(7.0)
+    assert all(set(p) <= set(range(7)) for p in picks) and 6 in set().union(*picks)
+    _drive(f, cands, 1, lambda r: 1.0 / (r + 1), start=8)  # round 8: 0.7, T_r = 8 s
+    assert f.relaxations == 2 and f.round_deadline(cands, 3) == pytest.approx(8.0)
+    # rising losses never relax it; the fixed deadline (window 0) never moves either
+    for window in (2, 0):
+        g = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5,
+                              pacer_window=window, pacer_step=0.1)
+        _drive(g, cands, 12, lambda r: 1.0 + r)
+        assert g.relaxations == 0 and g.round_deadline(cands, 3) == 6.0
+    h = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5)
+    _drive(h, cands, 12, lambda r: 1.0 / (r + 1))
+    assert h.relaxations == 0 and h.round_deadline(cands, 3) == 6.0
+    # the deadline relaxes to no deadline at all (quantile 1) and stops there
+    top = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.9, pacer_window=2,
+                            pacer_step=0.1)
+    _drive(top, cands, 12, lambda r: 1.0 / (r + 1))
+    assert top.relaxations == 1 and top.round_deadline(cands, 3) == math.inf
+    for bad in ({"pacer_window": -1}, {"pacer_window": 1.5}, {"pacer_step": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5, **bad)
+
+
+def test_fedhybrid_pacer_state_round_trips_mid_window():
+    from fedplan.fl.selectors import FedHybridSelector
+    cands = _timed_candidates([float(t) for t in range(1, 12)])
+
+    def make():
+        return FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5, pacer_window=2,
+                                 pacer_step=0.1)
+
+    def loss(r):
+        return 1.0 / (r + 1)
+
+    whole = make()
+    picks = _drive(whole, cands, 12, loss)
+    first = make()
+    picks_first = _drive(first, cands, 7, loss)  # stop with round 6 open and relaxed once
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.state_dict() == first.state_dict() and resumed.relaxations == 1
+    assert picks_first + _drive(resumed, cands, 5, loss, start=7) == picks
+    assert resumed.state_dict() == whole.state_dict() and whole.relaxations == 3
