@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 
@@ -71,9 +72,15 @@ def test_infeasible_budget_states_the_smallest_reachable():
     smallest = info.value.smallest_bytes
     assert smallest is not None and smallest > 3 * MiB
     assert str(smallest) in str(info.value)
-    # and that smallest peak is really reachable
-    plan = solve(graph, costs, smallest + 2 * 65536 + smallest // 50, solver="ilp")
-    assert plan.predicted_peak_bytes <= smallest + 2 * 65536 + smallest // 50
+    assert "budget 3145728 B is below" in str(info.value)  # the user's budget, not the
+    # solver's target below it
+    # the advised budget (the smallest peak plus the safety margin) is enough, exactly
+    advised = int(re.search(r"raise the budget to at least (\d+) B", str(info.value))[1])
+    assert advised > smallest
+    plan = solve(graph, costs, advised, solver="ilp")
+    assert plan.predicted_peak_bytes <= advised
+    with pytest.raises(fedplan.BudgetInfeasibleError):
+        solve(graph, costs, advised - 2, solver="ilp")
 
 
 def test_budget_below_fixed_costs_is_rejected():

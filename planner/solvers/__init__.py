@@ -8,6 +8,7 @@ breaks the budget is a bug and raises ``SolverError``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,15 +177,24 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         try:
             result = function(graph, costs, max(target, floor), options)
         except BudgetInfeasibleError as exc:
-            if exc.smallest_bytes is not None and exc.smallest_bytes <= budget_bytes:
+            if exc.smallest_bytes is None:
+                raise
+            # the budget whose target (less the safety margin) holds the smallest peak
+            needed = math.ceil((exc.smallest_bytes + options.safety_bytes
+                                - options.safety_fraction * floor)
+                               / (1 - options.safety_fraction))
+            if exc.smallest_bytes <= budget_bytes:
                 raise BudgetInfeasibleError(
                     f"budget {budget_bytes} B leaves no room for the safety margin: the "
                     f"smallest peak this plan space reaches is {exc.smallest_bytes} B, and "
                     f"plans aim {budget_bytes - target} B below the budget for "
                     f"checkpointing's own allocations; raise the budget to at least "
-                    f"{exc.smallest_bytes + budget_bytes - target} B",
+                    f"{needed} B",
                     smallest_bytes=exc.smallest_bytes, breakdown=exc.breakdown) from None
-            raise
+            # the solver saw the target: restate the error for the user's budget
+            raise infeasible(graph, costs, budget_bytes, solver, options,
+                             smallest=(exc.smallest_bytes, exc.breakdown),
+                             needed=needed) from None
     seconds = time.perf_counter() - start
     decisions = {name: result.decisions.get(name, "keep") for name in space.candidates}
     for name, decision in decisions.items():
@@ -244,9 +254,16 @@ def last_readers(graph: PlanGraph, costs: CostModel, decisions: dict[str, str]
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
                options: SolverOptions | None = None,
-               least_peak: dict[str, str] | None = None) -> BudgetInfeasibleError:
-    """The error for a budget below what the plan space reaches, with the smallest peak."""
-    smallest, breakdown = minimum_peak(graph, costs, options, least_peak)
+               least_peak: dict[str, str] | None = None, *,
+               smallest: tuple[int, dict[str, int]] | None = None,
+               needed: int | None = None) -> BudgetInfeasibleError:
+    """The error for a budget below what the plan space reaches, with the smallest peak.
+
+    ``smallest``: (peak, breakdown) when already known; ``needed``: the budget to advise
+    (default: the smallest peak itself).
+    """
+    smallest, breakdown = smallest or minimum_peak(graph, costs, options, least_peak)
+    needed = smallest if needed is None else needed
     parts = ", ".join(f"{key.replace('_', ' ')} {value} B" for key, value in breakdown.items())
     compressing = options is not None and options.compress and costs.compress
     hint = (f"lower --min-bits (now {options.min_bits})" if compressing and
@@ -254,7 +271,9 @@ def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
     return BudgetInfeasibleError(
         f"budget {budget_bytes} B is below the smallest peak this plan space reaches "
         f"({smallest} B: {parts}); solver {solver!r} found no plan: raise the budget to at "
-        f"least {smallest} B, shrink the batch" + (f", or {hint}" if hint else ""),
+        f"least {needed} B" + (" (with the safety margin plans keep)" if needed != smallest
+                               else "")
+        + ", shrink the batch" + (f", or {hint}" if hint else ""),
         smallest_bytes=smallest, breakdown=breakdown)
 
 
