@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("CBC", "CP_SAT", "HIGHS", "SCIP"),
                           help="OR-Tools backend of the ilp solver (default: CBC)")
     compile_.add_argument("--time-limit", type=float, default=30.0, metavar="S",
-                          help="solver time limit in seconds (default: 30)")
+                          help="time limit of the whole solve in seconds (default: 30)")
     compile_.add_argument("--workers", type=int, default=8, metavar="N",
-                          help="solver threads (default: 8)")
+                          help="solver threads for CP_SAT, HIGHS and SCIP (CBC runs one; "
+                               "default: 8)")
     compile_.add_argument("--seed", type=int, default=0, help="solver seed (default: 0)")
     compile_.add_argument("--repeats", type=int, default=5, metavar="K",
                           help="timing repeats per node (default: 5)")
