@@ -640,6 +640,7 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                      f"(above {MAX_UNITS}); optimal within the coarse space only")
     built = time.perf_counter() - start
     if state in ("optimal", "feasible"):
+        timed_out = state == "feasible"
         refined = refine(graph, costs, decisions, budget_bytes,
                          max_simulations=min(60, max(runs, 5)))
         if refined != decisions:
@@ -661,10 +662,11 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                          f"ms) beat the ILP's plan "
                          f"({overhead_seconds(costs, decisions) * 1e3:.3f} ms) under the "
                          f"exact simulator; returned the greedy plan")
+            # (below the model's optimum, so the model's bound does not speak for it)
             return SolveResult(decisions=warm, status="feasible",
-                               objective=overhead_seconds(costs, warm),
-                               bound=None if coarsened else bound, notes=tuple(notes))
-        if state == "feasible":
+                               objective=overhead_seconds(costs, warm), bound=None,
+                               notes=tuple(notes))
+        if timed_out:
             notes.append(f"time limit {options.time_limit_seconds:g} s reached")
         if state == "optimal" and coarsened:
             state = "feasible"
