@@ -71,7 +71,8 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                           "deadline (and the compute pacer) by --pacer-step of the quantile "
                           "every W rounds in which the exploited clients' statistical "
                           "utility summed over the last W rounds fell below the W before "
-                          "(default: never relaxes; the memory-wall benchmark uses 8)")
+                          "(default: never relaxes; the memory-wall benchmark's --with-pacer run "
+                          "uses 8)")
     sim.add_argument("--pacer-step", type=float, default=None, metavar="D",
                      help="with --pacer-window: the quantile step (0 < D <= 1; default 0.05, "
                           "Oort's 5 percentile points)")
