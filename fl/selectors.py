@@ -383,7 +383,7 @@ class FedHybridSelector(_UtilitySelector):
 
     def _pool(self, candidates, k):
         deadline = self.round_deadline(candidates, k)
-        return [c for c in candidates if c.feasible and c.round_seconds <= deadline]
+        return [c for c in super()._pool(candidates, k) if c.round_seconds <= deadline]
 
     def memory_utility(self, c: Candidate) -> float:
         """``Mem_i``: 0 without a plan, 1 at or above keep-all, else the plan's slowdown."""

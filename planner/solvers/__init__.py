@@ -140,11 +140,11 @@ def least_peak_decisions(graph: PlanGraph, costs: CostModel,
     return min(candidates, key=lambda d: simulate(graph, costs, d).peak_bytes)
 
 
-def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | None = None,
-                 decisions: dict[str, str] | None = None) -> tuple[int, dict[str, int]]:
+def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | None = None
+                 ) -> tuple[int, dict[str, int]]:
     """The smallest peak the plan space reaches (as far as fedplan's search finds), and its
-    breakdown; ``decisions``: the least-peak plan when the caller already has it."""
-    best = simulate(graph, costs, decisions or least_peak_decisions(graph, costs, options))
+    breakdown."""
+    best = simulate(graph, costs, least_peak_decisions(graph, costs, options))
     return best.peak_bytes, best.breakdown
 
 
@@ -253,8 +253,7 @@ def last_readers(graph: PlanGraph, costs: CostModel, decisions: dict[str, str]
 
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
-               options: SolverOptions | None = None,
-               least_peak: dict[str, str] | None = None, *,
+               options: SolverOptions | None = None, *,
                smallest: tuple[int, dict[str, int]] | None = None,
                needed: int | None = None) -> BudgetInfeasibleError:
     """The error for a budget below what the plan space reaches, with the smallest peak.
@@ -262,7 +261,7 @@ def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
     ``smallest``: (peak, breakdown) when already known; ``needed``: the budget to advise
     (default: the smallest peak itself).
     """
-    smallest, breakdown = smallest or minimum_peak(graph, costs, options, least_peak)
+    smallest, breakdown = smallest or minimum_peak(graph, costs, options)
     needed = smallest if needed is None else needed
     parts = ", ".join(f"{key.replace('_', ' ')} {value} B" for key, value in breakdown.items())
     compressing = options is not None and options.compress and costs.compress

@@ -620,8 +620,8 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     probe = time.perf_counter()
     simulate(graph, costs)
     simulation = max(time.perf_counter() - probe, 1e-4)
-    runs = int(0.1 * options.time_limit_seconds / simulation)
-    warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=min(60, max(runs, 5)))
+    simulations = min(60, max(int(0.1 * options.time_limit_seconds / simulation), 5))
+    warm = (greedy_decisions(graph, costs, budget_bytes, max_simulations=simulations)
             if options.warm_start else None)
     model = _build(facts, costs, budget_bytes, options)
     if warm:
@@ -631,7 +631,7 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
             notes.append("the greedy warm start does not fit the ILP's conservative memory "
                          "model; CP-SAT searched from a partial hint")
     # leave room for the refine and the caller's check of the plan by the simulator
-    reserve = 0.02 * options.time_limit_seconds + (min(60, max(runs, 5)) + 3) * simulation
+    reserve = 0.02 * options.time_limit_seconds + (simulations + 3) * simulation
     model.set_time_limit(max(0.05, deadline - time.perf_counter() - reserve))
     state, decisions, objective, bound = model.solve()
     coarsened = units < space_units
@@ -641,8 +641,7 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     built = time.perf_counter() - start
     if state in ("optimal", "feasible"):
         timed_out = state == "feasible"
-        refined = refine(graph, costs, decisions, budget_bytes,
-                         max_simulations=min(60, max(runs, 5)))
+        refined = refine(graph, costs, decisions, budget_bytes, max_simulations=simulations)
         if refined != decisions:
             notes.append(f"the simulator showed the ILP's upper-bound memory model too "
                          f"cautious: {sum(refined[n] != decisions[n] for n in refined)} "
@@ -691,11 +690,13 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     # the smallest budget this is how a plan is found at all: the conservative model can
     # be infeasible there, and CBC found no plan in 30 s on ViT-tiny at that budget
     lowest = least_peak_decisions(graph, costs, options)
-    if simulate(graph, costs, lowest).peak_bytes <= budget_bytes:
+    timeline = simulate(graph, costs, lowest)
+    if timeline.peak_bytes <= budget_bytes:
         lowest = refine(graph, costs, lowest, budget_bytes, max_simulations=200)
         notes.append(f"{reason}; returned the least-peak plan, refined by the simulator")
         return SolveResult(decisions=lowest, status="heuristic",
                            objective=overhead_seconds(costs, lowest), bound=None,
                            notes=tuple(notes))
     # below the least peak fedplan's search finds: say so, with that peak
-    raise infeasible(graph, costs, budget_bytes, "ilp", options, least_peak=lowest)
+    raise infeasible(graph, costs, budget_bytes, "ilp", options,
+                     smallest=(timeline.peak_bytes, timeline.breakdown))

@@ -101,10 +101,10 @@ class _Search:
         self.recomputed = {i for i in self.free if self.start[groups[i][0]] == "recompute"}
         self.slot = self._slots()
         self.width = max(self.slot.values()) + 1
-        self.seen: dict[frozenset[int], int] = {}
+        self.seen: set[frozenset[int]] = set()  # plans simulated once already
         self.base_profile = self._profile(self._plan(self.recomputed))
         self.base_peak = int(self.base_profile.max())
-        self.seen[frozenset(self.recomputed)] = self.base_peak
+        self.seen.add(frozenset(self.recomputed))
         self.delta: dict[int, np.ndarray] = {}  # unit -> profile change when toggled
         self.moves_taken = 0
 
@@ -138,9 +138,6 @@ class _Search:
             profile[index] = max(profile[index], event.peak_inside)
         return profile
 
-    def _cost(self, recomputed) -> float:
-        return sum(self.unit_seconds[i] for i in recomputed)
-
     def _accept(self, recomputed: set[int], profile: np.ndarray) -> None:
         for index in self.recomputed.symmetric_difference(recomputed):
             if index in self.delta:  # toggling it back undoes the move
@@ -156,7 +153,7 @@ class _Search:
         if key in self.seen or self.left <= 0:
             return None
         profile = self._profile(self._plan(recomputed))
-        self.seen[key] = int(profile.max())
+        self.seen.add(key)
         return profile if profile.max() <= self.budget else None
 
     # ---- steps -----------------------------------------------------------------------
@@ -176,7 +173,7 @@ class _Search:
             profile = self._profile(self._plan(self.recomputed))
             if profile.max() <= self.budget:
                 self.base_profile, self.base_peak = profile, int(profile.max())
-                self.seen = {frozenset(self.recomputed): self.base_peak}
+                self.seen = {frozenset(self.recomputed)}
             else:
                 self.start = before
 
@@ -217,9 +214,8 @@ class _Search:
             if index not in self.recomputed:
                 continue
             trial = self.recomputed - {index}
-            key = frozenset(trial)
             profile = self._profile(self._plan(trial))
-            self.seen[key] = int(profile.max())
+            self.seen.add(frozenset(trial))
             if profile.max() <= self.budget:
                 self._accept(trial, profile)
                 self.delta.pop(index, None)
@@ -230,7 +226,7 @@ class _Search:
                 return
             trial = self.recomputed | {index}
             profile = self._profile(self._plan(trial))
-            self.seen.setdefault(frozenset(trial), int(profile.max()))
+            self.seen.add(frozenset(trial))
             self.delta[index] = profile - self.base_profile
 
     def ranked_moves(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
