@@ -52,8 +52,9 @@ PACED = "fedhybrid-pacer"
 """The label of the optional run of fedhybrid whose deadline Oort's pacer relaxes."""
 SETTINGS = {"correlated": "correlated", "independent": "dirichlet"}  # (b) first
 SELECTOR_OPTIONS = {
-    "fedhybrid": {"deadline_quantile": 0.5},
-    PACED: {"deadline_quantile": 0.5, "pacer_window": 8, "pacer_step": 0.05},
+    "fedhybrid": {"deadline_quantile": 0.5, "deadline_weight": "samples"},
+    PACED: {"deadline_quantile": 0.5, "deadline_weight": "samples", "pacer_window": 8,
+            "pacer_step": 0.05},
 }
 """Per-run options (:mod:`fedplan.fl.selectors`): fedhybrid's round deadline is the median
 planned round time, the same quantile as its pacer. ``fedhybrid-pacer`` starts there and

@@ -66,6 +66,12 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                      help="fedhybrid only: select only clients whose planned round time is "
                           "at most the Q-quantile of all feasible clients' (0 < Q <= 1; "
                           "default: no deadline; the memory-wall benchmark uses 0.5)")
+    sim.add_argument("--deadline-weight", choices=("clients", "samples"), default=None,
+                     help="with --deadline-quantile: what the quantile counts: 'clients' "
+                          "(the Q-quantile of their planned round times; the default) or "
+                          "'samples' (the smallest planned time by which clients holding a "
+                          "share Q of the feasible clients' samples are done; the "
+                          "memory-wall benchmark uses this)")
     sim.add_argument("--pacer-window", type=int, default=None, metavar="W",
                      help="fedhybrid with --deadline-quantile only: Oort's pacer relaxes the "
                           "deadline (and the compute pacer) by --pacer-step of the quantile "
@@ -109,6 +115,12 @@ def _config(args: argparse.Namespace):
             raise BadInputError(f"expected --deadline-quantile in (0, 1]; found "
                                 f"{args.deadline_quantile}")
         options["deadline_quantile"] = args.deadline_quantile
+    if args.deadline_weight is not None:
+        if "deadline_quantile" not in options:
+            raise BadInputError(f"--deadline-weight applies with --deadline-quantile; found "
+                                f"--deadline-weight {args.deadline_weight} alone; add e.g. "
+                                f"--deadline-quantile 0.5 or drop it")
+        options["deadline_weight"] = args.deadline_weight
     if args.pacer_step is not None and args.pacer_window is None:
         raise BadInputError(f"--pacer-step applies with --pacer-window; found --pacer-step "
                             f"{args.pacer_step} alone; add --pacer-window W or drop it")

@@ -109,6 +109,10 @@ __all__ = [
 ]
 
 
+DEADLINE_WEIGHTS = ("clients", "samples")
+"""What fedhybrid's deadline quantile counts: clients, or the samples they hold."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     """What the server knows about a client before a round."""
@@ -283,8 +287,13 @@ class FedHybridSelector(_UtilitySelector):
 
     def __init__(self, *, keep_all_bytes: int, pacer_quantile: float = 0.5,
                  alpha: float = 2.0, deadline_quantile: float = 1.0,
+                 deadline_weight: str = "clients",
                  pacer_window: int = 0, pacer_step: float = 0.05, **kw):
         super().__init__(**kw)
+        if deadline_weight not in DEADLINE_WEIGHTS:
+            raise ValueError(f"deadline_weight must be one of {', '.join(DEADLINE_WEIGHTS)}; "
+                             f"got {deadline_weight!r}")
+        self.deadline_weight = deadline_weight
         if not 0.0 < deadline_quantile <= 1.0:
             raise ValueError(f"deadline_quantile must be in (0, 1] (1: no deadline); "
                              f"got {deadline_quantile!r}")
@@ -317,13 +326,22 @@ class FedHybridSelector(_UtilitySelector):
 
     def round_deadline(self, candidates: Sequence[Candidate], k: int) -> float:
         """``T_r``: the current deadline quantile of the feasible clients' planned round
-        times, raised to the ``k``-th smallest of them; ``inf`` without a deadline."""
-        times = sorted(c.round_seconds for c in candidates
+        times (counting clients, or the samples they hold: ``deadline_weight``), raised
+        to the ``k``-th smallest of them; ``inf`` without a deadline."""
+        timed = sorted((c.round_seconds, c.num_samples) for c in candidates
                        if c.feasible and math.isfinite(c.round_seconds))
+        times = [t for t, _ in timed]
         quantile = self.current_deadline_quantile()
         if quantile >= 1.0 or len(times) <= k:
             return math.inf
-        return max(float(np.quantile(times, quantile)), times[k - 1])
+        if self.deadline_weight == "samples":
+            # the smallest planned time by which clients holding a share ``quantile`` of
+            # the feasible clients' samples are done
+            held = np.cumsum([n for _, n in timed], dtype=np.float64)
+            at = times[int(np.searchsorted(held, quantile * held[-1]))]
+        else:
+            at = float(np.quantile(times, quantile))
+        return max(at, times[k - 1])
 
     def _close_round(self) -> None:
         """Append the last selected round's exploited utility to the pacer's history:
