@@ -111,7 +111,7 @@ class SimConfig:
     bucket_fraction: float = 0.025
     threads: int = 1
     """torch threads while the simulation runs (restored afterwards)."""
-    selector_options: dict[str, float] = field(default_factory=dict)
+    selector_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         def bad(msg: str):

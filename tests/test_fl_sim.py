@@ -315,6 +315,34 @@ def test_fedhybrid_round_deadline_bounds_every_selection():
     assert seen == {0, 1, 2, 3, 4, 5}  # exploration reaches every eligible client
 
 
+def test_fedhybrid_deadline_can_count_samples():
+    from fedplan.fl.selectors import FedHybridSelector
+    # times 1..11 s held by clients with 20..30 samples (275 in all): half the samples
+    # (137.5) are done by 7 s (20 + ... + 26 = 161; by 6 s only 135); the client
+    # median is 6 s
+    cands = _timed_candidates([float(t) for t in range(1, 12)] + [math.inf])
+    by_samples = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5,
+                                   deadline_weight="samples")
+    assert by_samples.round_deadline(cands, 3) == 7.0
+    assert [c.client_id for c in by_samples._pool(cands, 3)] == list(range(7))
+    assert FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5,
+                             deadline_weight="clients").round_deadline(cands, 3) == 6.0
+    # one large client among small ones moves the sample quantile, not the client one:
+    # 10 clients of 1 sample at 1..10 s and one of 100 samples at 11 s
+    skewed = [dataclasses.replace(c, num_samples=100 if c.client_id == 10 else 1)
+              for c in cands]
+    assert by_samples.round_deadline(skewed, 3) == 11.0
+    # still raised to the k-th smallest time, and off at quantile 1
+    small_first = FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.05,
+                                    deadline_weight="samples")
+    assert small_first.round_deadline(cands, 4) == 4.0
+    assert FedHybridSelector(keep_all_bytes=1000, deadline_weight="samples"
+                             ).round_deadline(cands, 3) == math.inf
+    with pytest.raises(ValueError, match="deadline_weight must be one of clients, samples"):
+        FedHybridSelector(keep_all_bytes=1000, deadline_quantile=0.5,
+                          deadline_weight="bytes")
+
+
 def test_fedhybrid_explores_in_proportion_to_samples_times_system_utility():
     from fedplan.fl.selectors import FedHybridSelector
     # equal times (C = 1, Mem = 1): the prior is the sample count |B_i| = 20 + i
@@ -356,6 +384,8 @@ def test_cli_deadline_quantile_is_for_fedhybrid_only(federation, capsys):
     assert main(args[:-3] + ["fedhybrid", "--deadline-quantile", "0.5",
                              "--pacer-step", "0.1"]) == 2
     assert "--pacer-step applies with --pacer-window" in capsys.readouterr().err
+    assert main(args[:-3] + ["fedhybrid", "--deadline-weight", "samples"]) == 2
+    assert "--deadline-weight applies with --deadline-quantile" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- fedhybrid's pacer
