@@ -16,7 +16,7 @@ from fedplan.planner.graphs import RAM_SCALE, SECONDS_PER_CPU, no_recompute_peak
 from fedplan.planner.simulate import simulate
 from fedplan.planner.solvers import overhead_seconds
 from fedplan.planner.solvers.greedy import greedy_decisions
-from fedplan.planner.solvers.refine import refine
+from fedplan.planner.solvers.refine import descend_peak, refine
 
 
 def budget_of(problem, fraction: float) -> int:
@@ -152,3 +152,52 @@ def test_compression_is_only_given_back_to_keep():
     assert simulate(problem.graph, costs, refined).peak_bytes <= budget
     assert refined["f10"] in ("compress:8", "keep")
     assert units(costs, refined) <= units(costs, start)
+
+
+# --------------------------------------------------------------------------- descend_peak
+
+def test_least_peak_reaches_the_exact_minimum_on_layered_9x3_s7():
+    """The ILP in min-peak mode and the greedy stop at 33,792 B on this graph (the
+    infeasible error advised that much); the descent reaches the exact reference's least
+    peak, 32,768 B: a plan fits there and none fits one byte lower."""
+    from fedplan.planner.solvers import least_peak_decisions, minimum_peak
+    problem = layered_problem(9, 3, 7)
+    graph, costs = problem.graph, problem.costs
+    assert minimum_peak(graph, costs)[0] == 32768
+    lowest = least_peak_decisions(graph, costs)
+    assert simulate(graph, costs, lowest).peak_bytes == 32768
+    assert exact_min_recompute(graph, costs, 32768).status == "optimal"
+    assert exact_min_recompute(graph, costs, 32767).status == "infeasible"
+
+
+@pytest.mark.parametrize("seed", [1, 3, 7])
+def test_descend_peak_never_raises_the_peak_and_keeps_compression(seed):
+    problem = layered_problem(9, 3, seed)
+    item = CompressCost(node="f10", storage="f10", shape=(256,),
+                        packed_bytes={"8": RAM_SCALE // 4}, pack_seconds={"8": 1e-3},
+                        unpack_seconds={"8": 1e-3}, rel_error={"8": 0.0})
+    costs = replace(problem.costs, compress=(item,))
+    for start in (recomputing(problem, ()), recomputing(problem, ILP_PLAN_12X3_S1[:4])):
+        start["f10"] = "compress:8"
+        lowered = descend_peak(problem.graph, costs, start)
+        assert lowered["f10"] == "compress:8"
+        assert set(lowered) == set(start)
+        assert (simulate(problem.graph, costs, lowered).peak_bytes
+                <= simulate(problem.graph, costs, start).peak_bytes)
+
+
+def test_descend_peak_stays_within_its_simulation_cap(monkeypatch):
+    problem = layered_problem(9, 3, 7)
+    calls = []
+    real = simulate_module.simulate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fedplan.planner.solvers.refine.simulate", counting)
+    start = recomputing(problem, ())
+    descend_peak(problem.graph, problem.costs, start, max_simulations=9)
+    assert len(calls) == 9
+    with pytest.raises(BadInputError, match="max_simulations"):
+        descend_peak(problem.graph, problem.costs, start, max_simulations=0)
