@@ -33,6 +33,19 @@ def recomputing(problem, names) -> dict[str, str]:
     space = plan_space(problem.graph, problem.costs)
     return {name: "recompute" if name in names else "keep" for name in space.candidates}
 
+def count_simulations(monkeypatch) -> list[int]:
+    """A list that grows by one per simulator run refine's module makes."""
+    calls: list[int] = []
+    real = simulate_module.simulate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fedplan.planner.solvers.refine.simulate", counting)
+    return calls
+
+
 
 # The ILP's plan on layered-12x3-s1 at budget 0.8 (BENCHMARKS.md, exact-reference gap):
 # f1-f6, f9 and f10 recomputed, 35 units. Its memory model is an upper bound, so it
@@ -109,14 +122,7 @@ def test_refine_never_exceeds_the_budget_nor_costs_more(seed):
 
 def test_refine_stays_within_its_simulation_cap(monkeypatch):
     problem = layered_problem(12, 3, 1)
-    calls = []
-    real = simulate_module.simulate
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("fedplan.planner.solvers.refine.simulate", counting)
+    calls = count_simulations(monkeypatch)
     start = recomputing(problem, ILP_PLAN_12X3_S1)
     refined = refine(problem.graph, problem.costs, start, budget_of(problem, 0.8),
                      max_simulations=7)
@@ -188,14 +194,7 @@ def test_descend_peak_never_raises_the_peak_and_keeps_compression(seed):
 
 def test_descend_peak_stays_within_its_simulation_cap(monkeypatch):
     problem = layered_problem(9, 3, 7)
-    calls = []
-    real = simulate_module.simulate
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("fedplan.planner.solvers.refine.simulate", counting)
+    calls = count_simulations(monkeypatch)
     start = recomputing(problem, ())
     descend_peak(problem.graph, problem.costs, start, max_simulations=9)
     assert len(calls) == 9
