@@ -82,36 +82,24 @@ def refine(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str],
     return refined
 
 
-class _Search:
-    """The current plan as a set of recomputed units, its profile and the probe results."""
+class _Units:
+    """A plan as decision units: the ``free`` ones (all members keep, or all recompute)
+    change as a whole; every other decision stays as in ``start``."""
 
-    def __init__(self, graph, costs, decisions, budget_bytes, max_simulations):
-        self.graph, self.costs, self.budget = graph, costs, budget_bytes
-        self.left = max_simulations
+    def __init__(self, graph, costs, decisions):
         self.space = plan_space(graph, costs)
         self.start = {name: decisions.get(name, "keep") for name in self.space.candidates}
         self.start.update((name, value) for name, value in decisions.items()
                           if name not in self.start)
-        self.start_plan = dict(self.start)
         groups = self.space.groups
-        self.unit_seconds = [sum(costs.node[n].forward_seconds for n in g) for g in groups]
-        self.unit_bytes = [sum(costs.saved_bytes(n) for n in g) for g in groups]
-        # units whose members are all keep or all recompute take part in the moves
         self.free = [i for i, g in enumerate(groups)
                      if len({self.start[n] for n in g}) == 1
                      and self.start[g[0]] in ("keep", "recompute")]
-        self.recomputed = {i for i in self.free if self.start[groups[i][0]] == "recompute"}
-        self.slot = self._slots()
-        self.width = max(self.slot.values()) + 1
-        self.seen: set[frozenset[int]] = set()  # plans simulated once already
-        self.base_profile = self._profile(self._plan(self.recomputed))
-        self.base_peak = int(self.base_profile.max())
-        self.seen.add(frozenset(self.recomputed))
-        self.delta: dict[int, np.ndarray] = {}  # unit -> profile change when toggled
-        self.moves_taken = 0
 
-    # ---- plans and profiles ----------------------------------------------------------
-    def _plan(self, recomputed) -> dict[str, str]:
+    def recomputed_at_start(self) -> set[int]:
+        return {i for i in self.free if self.start[self.space.groups[i][0]] == "recompute"}
+
+    def plan(self, recomputed) -> dict[str, str]:
         plan = dict(self.start)
         for index in self.free:
             value = "recompute" if index in recomputed else "keep"
@@ -119,8 +107,31 @@ class _Search:
                 plan[name] = value
         return plan
 
+
+class _Search(_Units):
+    """The current plan as a set of recomputed units, its profile and the probe results."""
+
+    def __init__(self, graph, costs, decisions, budget_bytes, max_simulations):
+        super().__init__(graph, costs, decisions)
+        self.graph, self.costs, self.budget = graph, costs, budget_bytes
+        self.left = max_simulations
+        self.start_plan = dict(self.start)
+        groups = self.space.groups
+        self.unit_seconds = [sum(costs.node[n].forward_seconds for n in g) for g in groups]
+        self.unit_bytes = [sum(costs.saved_bytes(n) for n in g) for g in groups]
+        self.recomputed = self.recomputed_at_start()
+        self.slot = self._slots()
+        self.width = max(self.slot.values()) + 1
+        self.seen: set[frozenset[int]] = set()  # plans simulated once already
+        self.base_profile = self._profile(self.plan(self.recomputed))
+        self.base_peak = int(self.base_profile.max())
+        self.seen.add(frozenset(self.recomputed))
+        self.delta: dict[int, np.ndarray] = {}  # unit -> profile change when toggled
+        self.moves_taken = 0
+
+    # ---- plans and profiles ----------------------------------------------------------
     def decisions(self) -> dict[str, str]:
-        return self._plan(self.recomputed)
+        return self.plan(self.recomputed)
 
     def _slots(self) -> dict[tuple[str, str], int]:
         # forward step i, backward step i (a region's recomputation shares the slot of
@@ -154,7 +165,7 @@ class _Search:
         key = frozenset(recomputed)
         if key in self.seen or self.left <= 0:
             return None
-        profile = self._profile(self._plan(recomputed))
+        profile = self._profile(self.plan(recomputed))
         self.seen.add(key)
         return profile if profile.max() <= self.budget else None
 
@@ -172,7 +183,7 @@ class _Search:
             trial[name] = "keep"
             before = self.start
             self.start = trial
-            profile = self._profile(self._plan(self.recomputed))
+            profile = self._profile(self.plan(self.recomputed))
             if profile.max() <= self.budget:
                 self.base_profile, self.base_peak = profile, int(profile.max())
                 self.seen = {frozenset(self.recomputed)}
@@ -216,7 +227,7 @@ class _Search:
             if index not in self.recomputed:
                 continue
             trial = self.recomputed - {index}
-            profile = self._profile(self._plan(trial))
+            profile = self._profile(self.plan(trial))
             self.seen.add(frozenset(trial))
             if profile.max() <= self.budget:
                 self._accept(trial, profile)
@@ -227,7 +238,7 @@ class _Search:
             if self.left <= 0:
                 return
             trial = self.recomputed | {index}
-            profile = self._profile(self._plan(trial))
+            profile = self._profile(self.plan(trial))
             self.seen.add(frozenset(trial))
             self.delta[index] = profile - self.base_profile
 
@@ -262,7 +273,6 @@ class _Search:
         return [(e[2], e[3]) for e in fitting] + [(e[2], e[3]) for e in over[:LONG_SHOTS]]
 
 
-
 def descend_peak(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str], *,
                  max_simulations: int = DESCENT_SIMULATIONS) -> dict[str, str]:
     """A plan whose simulated peak is at most that of ``decisions``, found by descent.
@@ -277,20 +287,8 @@ def descend_peak(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str
     """
     if max_simulations < 1:
         raise BadInputError(f"expected max_simulations >= 1; found {max_simulations}")
-    space = plan_space(graph, costs)
-    start = {name: decisions.get(name, "keep") for name in space.candidates}
-    start.update((name, value) for name, value in decisions.items() if name not in start)
-    groups = space.groups
-    free = [i for i, g in enumerate(groups)
-            if len({start[n] for n in g}) == 1 and start[g[0]] in ("keep", "recompute")]
-
-    def plan(recomputed: frozenset[int]) -> dict[str, str]:
-        out = dict(start)
-        for index in free:
-            for name in groups[index]:
-                out[name] = "recompute" if index in recomputed else "keep"
-        return out
-
+    units = _Units(graph, costs, decisions)
+    free, plan = units.free, units.plan
     peaks: dict[frozenset[int], int] = {}
 
     def peak(recomputed: frozenset[int]) -> int | None:
@@ -300,7 +298,7 @@ def descend_peak(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str
             peaks[recomputed] = simulate(graph, costs, plan(recomputed)).peak_bytes
         return peaks[recomputed]
 
-    current = frozenset(i for i in free if start[groups[i][0]] == "recompute")
+    current = frozenset(units.recomputed_at_start())
     best = peak(current)
     while True:
         single: dict[int, int] = {}
