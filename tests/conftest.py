@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+# `python -m pytest` puts the repository root first on sys.path, where fedplan's source
+# folders (kernels/, planner/, runtime/, fl/) would shadow installed packages of the same
+# name: transformers finds our kernels/ and takes it for Hugging Face's `kernels` library.
+# fedplan itself is imported from its installed mapping (fedplan.kernels, ...), so the
+# root is not needed on the path.
+sys.path[:] = [entry for entry in sys.path
+               if Path(entry or ".").resolve() != ROOT]
 
 
 @pytest.fixture
