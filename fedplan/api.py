@@ -12,16 +12,22 @@ import torch
 from torch import nn
 
 from fedplan.planner.budget import Budget
-from fedplan.planner.errors import BudgetInfeasibleError
+from fedplan.planner.capture import (
+    ModelCall,
+    call_from_signature,
+    capture,
+    input_signature,
+)
+from fedplan.planner.errors import BadInputError, BudgetInfeasibleError
 from fedplan.planner.optimizers import check_optimizer, make_optimizer
 from fedplan.planner.plan import Plan
 from fedplan.planner.simulate import simulate
 from fedplan.planner.solvers import BASELINES, SolverOptions, solve
-from fedplan.planner.trace import structure_fingerprint, symbolic_trace
+from fedplan.planner.trace import structure_fingerprint
 from fedplan.runtime.measure import StepMeasurement, measure_step
 from fedplan.runtime.rewrite import PlannedModule
 
-from .analysis import Analysis, analyze, as_tuple
+from .analysis import Analysis, analyze, default_targets, warn_leaf_modules
 from .modelfile import default_loss
 
 
@@ -36,12 +42,12 @@ def measure(module: nn.Module, example_inputs: Any, targets: Any = None, *,
     the step, from the profiler's memory events on CPU (CUDA allocator statistics on GPU).
     The module is trained for ``warmup + steps + 1`` steps: pass a copy if that matters.
     """
-    inputs = as_tuple(example_inputs)
+    call = ModelCall.of(example_inputs)
     if targets is None:
-        targets = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
+        targets = default_targets(call)
     check_optimizer(optimizer)
     opt = optimizer_instance or make_optimizer(optimizer, module.parameters())
-    return measure_step(module, inputs, targets, loss_fn or default_loss, opt, steps=steps,
+    return measure_step(module, call, targets, loss_fn or default_loss, opt, steps=steps,
                         warmup=warmup)
 
 
@@ -85,21 +91,22 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
     keep_all = simulate(analysis.graph, analysis.costs).peak_bytes
     budget_bytes = budget.resolve(analysis.costs, keep_all)
     say(f"solving with {solver!r} for a budget of {budget_bytes} B")
-    result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
-                   options=options, model_name=type(model).__name__)
+    signature = input_signature(ModelCall.of(example_inputs))
+    result = replace(solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
+                           options=options, model_name=type(model).__name__),
+                     inputs=signature)
     if not verify or not (result.recomputed or result.compressed):
         return result, analysis
     # The budget is a measured quantity, so the plan is measured too: one real step of
     # the planned model (on a copy). Should checkpointing allocate more than the
     # simulator predicts, the plan is solved again with that excess as extra margin.
-    inputs = as_tuple(example_inputs)
+    call = ModelCall.of(example_inputs)
     if targets is None:
-        targets = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
+        targets = default_targets(call)
     for attempt in range(3):
         say("measuring one planned step")
         shadow = copy.deepcopy(model)
-        graph_module, _ = symbolic_trace(shadow, leaf_modules=leaf_modules)
-        step = measure_step(PlannedModule(shadow, graph_module, result), inputs, targets,
+        step = measure_step(PlannedModule(shadow, capture(shadow, call), result), call, targets,
                             loss_fn or default_loss,
                             make_optimizer(optimizer, shadow.parameters()), steps=1)
         note = (f"verified: one planned step measured {step.peak_bytes} B against the "
@@ -111,8 +118,9 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
         excess = step.peak_bytes - result.predicted_peak_bytes
         options = replace(options, safety_bytes=options.safety_bytes + max(excess, 0) + 4096)
         say(f"the planned step measured {excess} B above the prediction; solving again")
-        result = solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
-                       options=options, model_name=type(model).__name__)
+        result = replace(solve(analysis.graph, analysis.costs, budget_bytes, solver=solver,
+                               options=options, model_name=type(model).__name__),
+                         inputs=signature)
         result = replace(result, notes=result.notes + (
             f"re-solved: the previous plan measured {step.peak_bytes} B, {excess} B above "
             f"its prediction",))
@@ -140,13 +148,25 @@ def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budge
                             optimizer=optimizer, solver=solver, leaf_modules=leaf_modules,
                             options=options, compress=compress, min_bits=min_bits,
                             repeats=repeats, verify=verify, progress=progress)
-    return PlannedModule(model, analysis.graph_module, result)
+    return PlannedModule(model, analysis.captured, result)
 
 
-def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike, *,
-          leaf_modules: Sequence[Any] = ()) -> PlannedModule:
-    """Run a saved plan on ``model``; the plan must have been made for this model."""
+def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike,
+          example_inputs: Any = None, *, leaf_modules: Sequence[Any] = ()) -> PlannedModule:
+    """Run a saved plan on ``model``; the plan must have been made for this model.
+
+    The model is captured again, with ``example_inputs`` when given and otherwise with
+    zero inputs of the shapes the plan records (a plan is made for one batch size).
+    """
+    warn_leaf_modules(leaf_modules)
     loaded = plan_or_path if isinstance(plan_or_path, Plan) else Plan.load(plan_or_path)
-    graph_module, _ = symbolic_trace(model, leaf_modules=leaf_modules)
-    loaded.check_matches(fingerprint=structure_fingerprint(graph_module), source="plan")
-    return PlannedModule(model, graph_module, loaded)
+    if example_inputs is None:
+        if not loaded.inputs:
+            raise BadInputError("the plan records no input signature; pass example_inputs")
+        call = call_from_signature(dict(loaded.inputs))
+    else:
+        call = ModelCall.of(example_inputs)
+    captured = capture(model, call)
+    loaded.check_matches(fingerprint=structure_fingerprint(captured.graph_module),
+                         source="plan")
+    return PlannedModule(model, captured, loaded)

@@ -30,18 +30,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="batch size (default: the file's DEFAULT_BATCH_SIZE, else 8)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                         help="optimizer whose state counts in the peak (default: sgd)")
-    parser.add_argument("--leaf", action="append", default=[], metavar="MODULE",
-                        help="qualified name of a submodule to keep whole when tracing "
-                             "(repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout instead of tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedplan", description=(
-        "Plan activation memory for training: trace a model, measure every tensor, and "
-        "choose per tensor to keep, recompute or compress so one training step fits a "
-        "memory budget."))
+        "Plan activation memory for training: capture a model (torch.export), measure "
+        "every tensor, and choose per tensor to keep, recompute or compress so one "
+        "training step fits a memory budget."))
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

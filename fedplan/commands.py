@@ -15,7 +15,7 @@ from rich.table import Table
 from .analysis import analyze
 from .api import measure as measure_api
 from .errors import BadInputError
-from .modelfile import ModelSpec, load_model_file
+from .modelfile import ModelSpec, call_model, load_model_file
 from .planner.simulate import CATEGORIES, simulate
 from .progress import status
 from .units import format_bytes
@@ -52,8 +52,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             analysis = analyze(model, inputs, targets, loss_fn=spec.loss_fn,
-                               optimizer=args.optimizer, leaf_modules=args.leaf + list(
-                                   spec.leaf_modules), repeats=args.repeats, progress=say)
+                               optimizer=args.optimizer, repeats=args.repeats, progress=say)
         timeline = simulate(analysis.graph, analysis.costs)
         say("measuring real training steps")
         measured = measure_api(copy.deepcopy(model), inputs, targets, loss_fn=spec.loss_fn,
@@ -61,10 +60,12 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     costs = analysis.costs
     rows = []
     for node in analysis.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
+        if node.op in ("placeholder", "output", "get_attr") or node.name == "_guards_fn":
             continue
         cost = costs.node[node.name]
-        rows.append({"node": node.name, "op": node.module_type or node.target.split(".")[-1],
+        operator = node.target.split(".")[-2] if node.target.count(".") >= 2 else node.target
+        rows.append({"node": node.name, "op": operator, "module": node.module_path,
+                     "module_type": node.module_type, "source": node.source,
                      "output_bytes": node.output_bytes,
                      "saved_bytes": costs.saved_bytes(node.name),
                      "forward_seconds": cost.forward_seconds})
@@ -88,11 +89,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.json:
         return result
     table = Table(title=f"{spec.name}: per-tensor costs (batch {batch_size})", show_edge=False)
-    for column, justify in (("node", "left"), ("op", "left"), ("output", "right"),
-                            ("saved", "right"), ("forward ms", "right")):
+    for column, justify in (("node", "left"), ("op", "left"), ("module", "left"),
+                            ("output", "right"), ("saved", "right"), ("forward ms", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
-        table.add_row(row["node"], row["op"], format_bytes(row["output_bytes"]),
+        module = row["module"] or "<root>"
+        if row["module_type"]:
+            module += f" ({row['module_type']})"
+        table.add_row(row["node"], row["op"], module, format_bytes(row["output_bytes"]),
                       format_bytes(row["saved_bytes"]) if row["saved_bytes"] else "-",
                       f"{row['forward_seconds'] * 1e3:.3f}")
     console.print(table)
@@ -137,7 +141,6 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
                                    loss_fn=spec.loss_fn, optimizer=args.optimizer,
                                    solver=args.solver, options=options,
                                    compress=args.compress, min_bits=args.min_bits,
-                                   leaf_modules=args.leaf + list(spec.leaf_modules),
                                    repeats=args.repeats, progress=say)
     plan = replace(plan, model_name=spec.name)
     plan.save(output)
@@ -193,14 +196,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
         # the model's fingerprint is checked by apply(); batch and optimizer here
         plan.check_matches(batch_size=batch_size, optimizer=args.optimizer,
                            source=f"plan {args.plan!r}")
-        planned = apply(model, plan, leaf_modules=args.leaf + list(spec.leaf_modules))
         inputs, targets = spec.batch(batch_size)
+        planned = apply(model, plan, inputs)
         say("gradients against the unplanned model")
         differences = []
         for module in (reference, planned):
             module.zero_grad(set_to_none=True)
             torch.manual_seed(0)
-            spec.loss_fn(module(*inputs), targets).backward()
+            spec.loss_fn(call_model(module, inputs), targets).backward()
         for (_, p_ref), (_, p_plan) in zip(reference.named_parameters(),
                                                planned.named_parameters()):
             if p_ref.grad is not None and p_plan.grad is not None:

@@ -3,11 +3,11 @@
 The contract (also in the README):
 
 * ``build_model() -> nn.Module``
-* ``example_batch(batch_size) -> (inputs, targets)``; ``inputs`` is a tensor or a tuple
-  of tensors passed positionally to the model.
+* ``example_batch(batch_size) -> (inputs, targets)``; ``inputs`` is a tensor, a tuple of
+  tensors passed positionally, or a dict of keyword inputs (``input_ids=...``) to the model.
 * optionally ``loss_fn(outputs, targets) -> scalar tensor`` (default: cross-entropy),
-  ``DEFAULT_BATCH_SIZE`` and ``LEAF_MODULES`` (qualified names or classes that tracing
-  should keep whole).
+  and ``DEFAULT_BATCH_SIZE``. ``LEAF_MODULES`` (from the torch.fx days) is accepted and
+  ignored: torch.export follows every module.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ModelSpec:
     def name(self) -> str:
         return self.path.stem
 
-    def batch(self, batch_size: int) -> tuple[tuple[torch.Tensor, ...], Any]:
+    def batch(self, batch_size: int) -> tuple[Any, Any]:
         """Call ``example_batch`` and check its shape: ``(inputs, targets)``."""
         try:
             result = self.example_batch(batch_size)
@@ -62,18 +62,23 @@ class ModelSpec:
         inputs, targets = result
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
-        if not (isinstance(inputs, (tuple, list)) and inputs
-                and all(isinstance(t, torch.Tensor) for t in inputs)):
+        keyword = isinstance(inputs, dict) and inputs and all(
+            isinstance(key, str) for key in inputs)
+        positional = isinstance(inputs, (tuple, list)) and inputs
+        if not (keyword or positional) or not any(
+                isinstance(t, torch.Tensor) for t in (
+                    inputs.values() if isinstance(inputs, dict) else inputs)):
             raise ModelFileError(
-                f"{self.path}: example_batch's inputs must be a tensor or a tuple of tensors; "
-                f"found {_describe(inputs)}")
-        first = inputs[0]
+                f"{self.path}: example_batch's inputs must be a tensor, a tuple of tensors or "
+                f"a dict of keyword inputs; found {_describe(inputs)}")
+        first = next(t for t in (inputs.values() if keyword else inputs)
+                     if isinstance(t, torch.Tensor))
         if first.dim() == 0 or first.shape[0] != batch_size:
             raise ModelFileError(
                 f"{self.path}: example_batch({batch_size}) returned inputs of shape "
                 f"{tuple(first.shape)}; expected the batch dimension first with size "
                 f"{batch_size}")
-        return tuple(inputs), targets
+        return (dict(inputs) if keyword else tuple(inputs)), targets
 
     def build(self) -> nn.Module:
         try:
@@ -89,6 +94,15 @@ class ModelSpec:
 
     def fingerprint_source(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def call_model(module: nn.Module, inputs: Any) -> Any:
+    """Call ``module`` with a model file's inputs: a tuple positionally, a dict by keyword."""
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, torch.Tensor):
+        return module(inputs)
+    return module(*inputs)
 
 
 def _describe(value: Any) -> str:

@@ -168,6 +168,8 @@ def _ptr(tensor: torch.Tensor) -> int:
 
 
 def _is_random(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    if isinstance(node.target, torch._ops.OpOverload):  # an ATen op says so in its tags
+        return torch.Tag.nondeterministic_seeded in node.target.tags
     if node.op == "call_module":
         module = modules.get(node.target)
         return type(module).__name__ in RANDOM_TARGETS or any(
@@ -430,7 +432,7 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
     param_keys = {_ptr(p): name for name, p in model_params}
     trainable = [(name, p) for name, p in model_params if p.requires_grad]
     trainable_ptr = {_ptr(p): name for name, p in trainable}
-    batch = list(inputs) + tensors_in(targets)
+    batch = tensors_in(list(inputs)) + tensors_in(targets)
     input_ptrs = {_ptr(t) for t in batch}
     modules = dict(gm.named_modules())
 
@@ -508,7 +510,7 @@ def measure_costs(gm: torch.fx.GraphModule, graph: PlanGraph, inputs: Sequence[t
         optimizer=optimizer, optimizer_state_bytes=optimizer_state_bytes(optimizer, sizes),
         optimizer_step_temp_bytes=measure_optimizer_step_temp(
             optimizer, [p for _, p in trainable]),
-        batch_size=int(inputs[0].shape[0]),
+        batch_size=next(int(t.shape[0]) for t in batch if t.dim() > 0),
         # non-reentrant checkpoint saves the CPU RNG state per region (preserve_rng_state)
         region_bytes=torch.get_rng_state().numel())
 

@@ -31,14 +31,25 @@ class IRNode:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     output_bytes: int = 0
-    module_type: str | None = None
+    module_type: str | None = None   # class of the innermost module that made the node
+    module_path: str = ""            # its qualified name in the user's model ("" = root)
+    source: str = ""                 # "file.py:LINE" of the user's code that made it
+
+    @property
+    def where(self) -> str:
+        """Where the user wrote this node: module path and source line, for messages."""
+        parts = [self.module_path or "<root>"]
+        if self.source:
+            parts.append(self.source)
+        return " ".join(parts)
 
     def to_json(self) -> dict:
         return {"name": self.name, "op": self.op, "target": self.target,
                 "inputs": list(self.inputs),
                 "shape": list(self.shape) if self.shape is not None else None,
                 "dtype": self.dtype, "output_bytes": self.output_bytes,
-                "module_type": self.module_type}
+                "module_type": self.module_type, "module_path": self.module_path,
+                "source": self.source}
 
 
 class GraphInvariantError(ValueError):
@@ -77,7 +88,7 @@ class PlanGraph:
     def fingerprint(self) -> str:
         """A stable hash of the model's structure, independent of the batch size.
 
-        For a traced model: the fx graph (names, ops, targets, edges) and the parameter
+        For a captured model: the graph (names, ops, targets, edges) and the parameter
         names and shapes (``structure_hash``), so a plan can be checked against a model
         without running it. Otherwise: nodes, edges and non-batch shapes.
         """

@@ -21,7 +21,9 @@ from typing import IO, Any
 
 from .errors import BadInputError, PlanMismatchError
 
-SCHEMA_VERSION = 1
+# 2: plans are made for torch.export captures (node names are ATen-level) and carry the
+# model's input signature
+SCHEMA_VERSION = 2
 KEEP = "keep"
 RECOMPUTE = "recompute"
 
@@ -52,6 +54,9 @@ class Plan:
     pack_after: tuple[tuple[str, str], ...] = ()
     # compressed node -> the last node that reads its storage in forward (runtime.compress)
     unpin_after: tuple[tuple[str, str], ...] = ()
+    # shapes and dtypes of the model's inputs (planner.capture.input_signature): lets a
+    # saved plan capture its model again without the user's data
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
     def decision_map(self) -> dict[str, str]:
@@ -95,6 +100,7 @@ class Plan:
         data["notes"] = list(self.notes)
         data["pack_after"] = dict(self.pack_after)
         data["unpin_after"] = dict(self.unpin_after)
+        data["inputs"] = dict(self.inputs)
         data.pop("decision_map", None)
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -129,7 +135,8 @@ class Plan:
                 pack_after=tuple((str(k), str(v))
                                  for k, v in dict(data.get("pack_after", {})).items()),
                 unpin_after=tuple((str(k), str(v))
-                                  for k, v in dict(data.get("unpin_after", {})).items()))
+                                  for k, v in dict(data.get("unpin_after", {})).items()),
+                inputs=dict(data.get("inputs", {})))
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BadInputError(f"{source}: not a valid fedplan plan ({missing}); re-run "

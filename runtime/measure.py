@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedplan.planner.capture import ModelCall
 from fedplan.planner.cost import tensors_in
 from fedplan.planner.profiling import memory_profile, peak_allocated
 
@@ -65,21 +66,23 @@ def profiled_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
     return peak_allocated(prof), result
 
 
-def measure_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], targets: Any,
+def measure_step(module: torch.nn.Module, inputs: Any, targets: Any,
                  loss_fn: Callable, optimizer: torch.optim.Optimizer, *, steps: int = 3,
                  warmup: int = 1) -> StepMeasurement:
     """Run ``warmup + steps`` real training steps and measure the last ones.
 
     The first warm-up step creates the optimizer state, so the measured steps start
-    from the state a training loop is in at every later step.
+    from the state a training loop is in at every later step. ``inputs`` is a tensor, a
+    tuple (positional) or a dict (keyword inputs).
     """
     if steps < 1:
         raise ValueError(f"expected steps >= 1; found {steps}")
-    device = inputs[0].device
+    call = ModelCall.of(inputs)
+    device = call.tensors()[0].device
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(module(*inputs), targets)
+        loss = loss_fn(module(*call.args, **call.kwargs), targets)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -94,7 +97,7 @@ def measure_step(module: torch.nn.Module, inputs: Sequence[torch.Tensor], target
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)
-    batch = list(inputs) + tensors_in(targets)
+    batch = call.tensors() + tensors_in(targets)
     start_bytes = held_bytes(module, optimizer, batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,6 +1,7 @@
-"""Rewrite a traced model so that it runs a plan.
+"""Rewrite a captured model so that it runs a plan.
 
-The traced GraphModule is split (``torch.fx.passes.split_module``) into consecutive
+The captured GraphModule (``planner.capture``: torch.export's training IR, flat inputs
+and outputs) is split (``torch.fx.passes.split_module``) into consecutive
 partitions, one per run of nodes with the same decision; every ``recompute`` partition
 runs under ``torch.utils.checkpoint(use_reentrant=False)``: autograd keeps only the
 partition's inputs and replays it when backward reaches it. Everything else runs as
@@ -10,8 +11,9 @@ under their own names, so an optimizer built on either module trains both and
 
 Pitfalls handled here:
 
-* **BatchNorm** in training mode would update its running statistics again when a
-  region is replayed: the replay runs with the statistics saved and restored around it.
+* **Buffer mutations** (BatchNorm's running statistics and ``num_batches_tracked``) would
+  happen again when a region is replayed: the replay runs with the buffers the region
+  mutates saved and restored around it, so they are applied once.
 * **Randomness** (dropout): checkpoint saves and restores the RNG state, so the replay
   draws the same numbers (``preserve_rng_state=True``, the default).
 * **In-place ops** never cross a region boundary: the plan space ties them to their
@@ -32,9 +34,9 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from fedplan.planner.capture import Captured
 from fedplan.planner.plan import RECOMPUTE, Plan
 
 from .compress import CompressionSession, active, insert_marks
@@ -43,30 +45,40 @@ COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
 
 @contextlib.contextmanager
-def _statistics_restored(modules: list[_BatchNorm]) -> Iterator[None]:
-    """Run a replay without changing BatchNorm running statistics."""
-    saved = []
-    for module in modules:
-        saved.append([(buffer, buffer.detach().clone()) for buffer in (
-            module.running_mean, module.running_var, module.num_batches_tracked)
-            if buffer is not None])
+def _buffers_restored(buffers: list[torch.Tensor]) -> Iterator[None]:
+    """Run a replay without changing the buffers it mutates (BatchNorm statistics)."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in buffers]
     try:
         yield
     finally:
         with torch.no_grad():
-            for pairs in saved:
-                for buffer, value in pairs:
-                    buffer.copy_(value)
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 class RecomputeRegion(nn.Module):
-    """A partition run under non-reentrant checkpoint."""
+    """A partition run under non-reentrant checkpoint.
 
-    def __init__(self, inner: torch.fx.GraphModule):
+    Buffer mutations (BatchNorm running statistics, ``num_batches_tracked``) are applied
+    once. In the captured graph a region receives the buffers it reads as inputs
+    (``buffer_inputs``: their positions). ATen's batch_norm updates running statistics
+    without bumping version counters, so the first forward finds the mutated ones by
+    value: it compares copies of the (small) buffer inputs before and after. Every replay
+    in backward then runs with those buffers saved and restored around it.
+    """
+
+    def __init__(self, inner: torch.fx.GraphModule, buffer_inputs: list[int]):
         super().__init__()
         self.inner = inner
-        self.batch_norms = [m for m in inner.modules()
-                            if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self.buffer_inputs = buffer_inputs
+        self.mutated: list[int] | None = None
+
+    def _first_run(self, *inputs):
+        before = {index: inputs[index].detach().clone() for index in self.buffer_inputs}
+        result = self.inner(*inputs)
+        self.mutated = [index for index, value in before.items()
+                        if not torch.equal(value, inputs[index])]
+        return result
 
     def forward(self, *args):
         if not torch.is_grad_enabled():
@@ -75,8 +87,12 @@ class RecomputeRegion(nn.Module):
 
         def run(*inputs):
             calls[0] += 1
-            if calls[0] > 1 and any(m.training for m in self.batch_norms):
-                with _statistics_restored(self.batch_norms):
+            if calls[0] == 1:
+                if self.mutated is None:
+                    return self._first_run(*inputs)
+                return self.inner(*inputs)
+            if self.mutated:
+                with _buffers_restored([inputs[index] for index in self.mutated]):
                     return self.inner(*inputs)
             return self.inner(*inputs)
 
@@ -106,20 +122,37 @@ def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, st
         return graph_module, 0
     program = split_module(graph_module, graph_module, lambda node: partition[node.name],
                            keep_original_order=True)
+    parameters = {id(p) for p in graph_module.parameters()}
+    buffer_inputs: dict[str, list[int]] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_module":
+            buffer_inputs[node.target] = [
+                position for position, arg in enumerate(node.args)
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+                and isinstance(value := _attribute(program, arg.target), torch.Tensor)
+                and id(value) not in parameters]
     regions = 0
     for index, kind in kinds.items():
         name = f"submod_{index}"
         if kind == RECOMPUTE and hasattr(program, name):
-            setattr(program, name, RecomputeRegion(getattr(program, name)))
+            setattr(program, name, RecomputeRegion(getattr(program, name),
+                                                   buffer_inputs.get(name, [])))
             regions += 1
     return program, regions
+
+
+def _attribute(module: nn.Module, qualified: str):
+    for part in qualified.split("."):
+        module = getattr(module, part)
+    return module
 
 
 class PlannedModule(nn.Module):
     """The user's model, running a plan; drop-in for the original in a training loop."""
 
-    def __init__(self, model: nn.Module, graph_module: torch.fx.GraphModule, plan: Plan):
+    def __init__(self, model: nn.Module, captured: Captured, plan: Plan):
         super().__init__()
+        graph_module = captured.graph_module
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, parameter in model.named_parameters(recurse=False):
@@ -128,6 +161,8 @@ class PlannedModule(nn.Module):
             self.register_buffer(name, buffer,
                                  persistent=name not in model._non_persistent_buffers_set)
         self.plan = plan
+        object.__setattr__(self, "_captured", captured)
+        object.__setattr__(self, "_model", model)
         self.compressed = len(plan.compressed)
         if self.compressed:
             # marks go into a copy of the graph (the caller's graph module is shared)
@@ -143,13 +178,18 @@ class PlannedModule(nn.Module):
         self.train(model.training)
 
     def forward(self, *args, **kwargs):
+        if not self.training:
+            # the captured graph is the training step's (dropout on, batch statistics);
+            # evaluation runs the user's own module, which shares every tensor with us
+            return self._model(*args, **kwargs)
+        flat = self._captured.flatten(*args, **kwargs)
         if not self.compressed or not torch.is_grad_enabled():
-            return self._program(*args, **kwargs)
+            return self._captured.unflatten(self._program(*flat))
         params = {p.untyped_storage().data_ptr() for p in self.parameters()}
         params.update(b.untyped_storage().data_ptr() for b in self.buffers())
         session = CompressionSession(params)
         with active(session):
-            return self._program(*args, **kwargs)
+            return self._captured.unflatten(self._program(*flat))
 
     def extra_repr(self) -> str:
         counts = self.plan.counts()

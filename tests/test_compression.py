@@ -105,7 +105,7 @@ def _setup(model=None, batch=8):
 
 def _forced(analysis, option, names=None):
     """A plan compressing ``names`` (default: every eligible node) at ``option``."""
-    plan, _ = fedplan.plan(analysis.graph_module, (), budget=10**12, solver="none",
+    plan, _ = fedplan.plan(analysis.graph_module, torch.zeros(1), budget=10**12, solver="none",
                            analysis=analysis, verify=False, compress=False)
     space = plan_space(analysis.graph, analysis.costs)
     last = {n: group[-1] for group in space.groups for n in group}
@@ -130,7 +130,8 @@ def test_eligible_nodes_are_float_outputs_that_own_their_storage():
     _, _, _, analysis = _setup()
     nodes = eligible(analysis.graph, analysis.costs)
     # the in-place relus own no storage; the logits are read by the loss
-    assert set(nodes) == {"conv1", "bn1", "conv2", "bn2", "add", "sigmoid", "mul"}
+    assert set(nodes) == {"conv2d", "batch_norm", "conv2d_1", "batch_norm_1", "add", "sigmoid",
+                          "mul"}
     assert {c.node for c in analysis.costs.compress} == set(nodes)
     for cost in analysis.costs.compress:
         # packed sizes shrink with the width; errors grow
@@ -209,9 +210,9 @@ def test_inplace_change_after_packing_keeps_the_tensor_exact():
 
 def test_recompute_region_replays_from_a_compressed_input():
     model, inputs, targets, analysis = _setup()
-    plan = _forced(analysis, "8", ["bn1"])  # y = relu(bn1(...)) is the region's input
+    plan = _forced(analysis, "8", ["batch_norm"])  # y = relu(bn1(...)): the region's input
     decisions = dict(plan.decisions)
-    for name in ("conv2", "bn2"):
+    for name in ("conv2d_1", "batch_norm_1"):  # conv2 and bn2
         decisions[name] = "recompute"
     plan = replace(plan, decisions=tuple(decisions.items()))
     reference, m = copy.deepcopy(model), copy.deepcopy(model)

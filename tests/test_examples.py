@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+
+from fedplan.modelfile import call_model
+from fedplan.planner.capture import capture
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_FILES = sorted(p for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -18,13 +22,10 @@ def load_model_file(path: Path):
     return module
 
 
-def as_tuple(inputs):
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
 def assert_same(a, b):
-    a, b = as_tuple(a), as_tuple(b)
-    assert len(a) == len(b)
+    a, spec_a = tree_flatten(a)
+    b, spec_b = tree_flatten(b)
+    assert spec_a == spec_b
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert torch.equal(x, y)
@@ -43,7 +44,7 @@ def test_model_file(path):
 
     model = mod.build_model()
     assert isinstance(model, torch.nn.Module)
-    torch.fx.symbolic_trace(model)
+    capture(model, mod.example_batch(2)[0])
 
     # Deterministic construction and data.
     assert_same(mod.example_batch(2), mod.example_batch(2))
@@ -56,7 +57,7 @@ def test_model_file(path):
     # Forward + backward on a small batch.
     model.train()
     inputs, targets = mod.example_batch(2)
-    outputs = model(*as_tuple(inputs))
+    outputs = call_model(model, inputs)
     loss_fn = getattr(mod, "loss_fn", F.cross_entropy)
     loss = loss_fn(outputs, targets)
     assert loss.dim() == 0

@@ -113,7 +113,7 @@ def test_plan_round_trips_through_json(tmp_path):
     ("{not json", "not valid JSON"),
     ('{"schema_version": 1, "fingerprint": "a"', "not valid JSON"),  # truncated
     ('{"schema_version": 99}', "schema version 99"),
-    ('{"schema_version": 1, "fingerprint": "a"}', "missing field"),
+    ('{"schema_version": 2, "fingerprint": "a"}', "missing field"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_bad_plan_files_are_clear_errors(tmp_path, content, needle):

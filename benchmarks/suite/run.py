@@ -37,7 +37,7 @@ import torch
 
 import fedplan
 from fedplan.errors import BadInputError
-from fedplan.modelfile import ModelSpec, load_model_file
+from fedplan.modelfile import ModelSpec, call_model, load_model_file
 from fedplan.planner.budget import fixed_floor
 from fedplan.planner.optimizers import make_optimizer
 from fedplan.planner.simulate import simulate
@@ -168,13 +168,13 @@ class ModelBench:
     # ---- one training step, and the measurements ------------------------------------
     def _step(self, module, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
-        self.spec.loss_fn(module(*self.inputs), self.targets).backward()
+        self.spec.loss_fn(call_model(module, self.inputs), self.targets).backward()
         optimizer.step()
 
     def _grads(self, module, owner) -> dict[str, torch.Tensor]:
         owner.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        self.spec.loss_fn(module(*self.inputs), self.targets).backward()
+        self.spec.loss_fn(call_model(module, self.inputs), self.targets).backward()
         grads = {name: p.grad.detach().clone() for name, p in owner.named_parameters()
                  if p.grad is not None}
         owner.zero_grad(set_to_none=True)
@@ -214,8 +214,7 @@ class ModelBench:
         if not hasattr(self, "_compressed"):
             try:
                 self._compressed = fedplan.analyze(
-                    self.base, self.inputs, self.targets, loss_fn=self.spec.loss_fn,
-                    leaf_modules=self.spec.leaf_modules, compress=True)
+                    self.base, self.inputs, self.targets, loss_fn=self.spec.loss_fn, compress=True)
             except TypeError:
                 self._compressed = None
         return self._compressed
@@ -223,8 +222,7 @@ class ModelBench:
     def _plan(self, point: Point, solver: str, budget, *, compress: bool = False) -> None:
         start = time.perf_counter()
         common = dict(budget=budget, loss_fn=self.spec.loss_fn, solver=solver,
-                      options=fedplan.SolverOptions(time_limit_seconds=self.config.time_limit),
-                      leaf_modules=self.spec.leaf_modules)
+                      options=fedplan.SolverOptions(time_limit_seconds=self.config.time_limit))
         try:
             if compress:
                 # the decision set: 8, 4 and 2 bits (ActNN's width included)
@@ -265,7 +263,7 @@ class ModelBench:
             counts.items())))
 
         def build(owner):  # as users run a saved plan
-            return fedplan.apply(owner, plan, leaf_modules=self.spec.leaf_modules)
+            return fedplan.apply(owner, plan, self.inputs)
 
         self._add(point, build)
 
@@ -277,7 +275,7 @@ class ModelBench:
         try:
             fedplan.plan(self.base, self.inputs, self.targets, budget=int(self.floor) + 1,
                          loss_fn=self.spec.loss_fn, solver="ilp", analysis=self.analysis,
-                         compress=False, leaf_modules=self.spec.leaf_modules,
+                         compress=False,
                          options=fedplan.SolverOptions(
                              time_limit_seconds=self.config.time_limit))
         except fedplan.FedplanError as exc:
@@ -297,12 +295,10 @@ class ModelBench:
         self.say(f"{self.spec.name}: tracing and measuring costs")
         try:  # compression costs are measured separately, only if ilp+compress runs
             self.analysis = fedplan.analyze(self.base, self.inputs, self.targets,
-                                            loss_fn=self.spec.loss_fn, compress=False,
-                                            leaf_modules=self.spec.leaf_modules)
+                                            loss_fn=self.spec.loss_fn, compress=False)
         except TypeError:
             self.analysis = fedplan.analyze(self.base, self.inputs, self.targets,
-                                            loss_fn=self.spec.loss_fn,
-                                            leaf_modules=self.spec.leaf_modules)
+                                            loss_fn=self.spec.loss_fn)
         self.keep_all = simulate(self.analysis.graph, self.analysis.costs).peak_bytes
         self.floor = fixed_floor(self.analysis.costs)
         reference = copy.deepcopy(self.base)
