@@ -21,7 +21,8 @@ def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4,
                         num_attention_heads=4, intermediate_size=512,
-                        max_position_embeddings=SEQ_LEN, num_labels=LABELS)
+                        max_position_embeddings=SEQ_LEN, num_labels=LABELS,
+                        use_cache=False)
     return BertForSequenceClassification(config)
 
 

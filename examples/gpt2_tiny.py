@@ -18,7 +18,7 @@ def build_model() -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=128, n_layer=4,
-                        n_head=4)
+                        n_head=4, use_cache=False)
     return GPT2LMHeadModel(config)
 
 

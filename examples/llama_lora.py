@@ -21,7 +21,7 @@ def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=344,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=SEQ_LEN)
+                         max_position_embeddings=SEQ_LEN, use_cache=False)
     base = LlamaForCausalLM(config)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                       target_modules=["q_proj", "v_proj"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .cost import CostModel
+from .costmodel import CostModel
 from .errors import BadInputError
 from .units import parse_size
 

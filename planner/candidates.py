@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from .cost import LOSS, CostModel
+from .costmodel import LOSS, CostModel
 from .ir import PlanGraph
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")

@@ -222,6 +222,11 @@ def _capture_error(model: nn.Module, exc: BaseException) -> Exception:
             f"torch.export cannot capture {name}: control flow depends on a tensor's value"
             f"{at}; rewrite the branch with torch.where / torch.cond, or move it out of "
             f"forward (see https://pytorch.org/docs/stable/export.html)")
+    if "Cache" in message and "pytree" in message:
+        return TraceError(
+            f"torch.export cannot capture {name}: it returns a key/value cache "
+            f"({message.split(' in output')[0].replace('Found ', '')}){at}; build the model "
+            f"with use_cache=False in its config (training needs no cache)")
     return TraceError(
         f"torch.export cannot capture {name}: {type(exc).__name__}: {message}{at}; rewrite "
         f"the construct (see https://pytorch.org/docs/stable/export.html)")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from .cost import LOSS, CostModel, NodeCost, Storage
+from .costmodel import LOSS, CostModel, NodeCost, Storage
 from .errors import BadInputError
 from .ir import IRNode, PlanGraph
 

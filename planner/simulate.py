@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .compression import packed_sizes
-from .cost import LOSS, CostModel
+from .costmodel import LOSS, CostModel
 from .ir import PlanGraph
+from .packing import packed_sizes
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
 CATEGORIES = ("parameters", "optimizer_state", "inputs", "gradients", "saved_activations",

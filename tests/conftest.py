@@ -16,8 +16,13 @@ EXAMPLES = ROOT / "examples"
 # name: transformers finds our kernels/ and takes it for Hugging Face's `kernels` library.
 # fedplan itself is imported from its installed mapping (fedplan.kernels, ...), so the
 # root is not needed on the path.
+# pytest puts the root back when it imports a test module of the tests package, so the
+# Hugging Face imports happen here, once, while it is off the path (transformers decides at
+# import time whether the `kernels` library is installed).
 sys.path[:] = [entry for entry in sys.path
                if Path(entry or ".").resolve() != ROOT]
+import peft  # noqa: E402, F401
+import transformers.modeling_utils  # noqa: E402, F401
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ortools.sat.python import cp_model
 
-from ..cost import CostModel
+from ..costmodel import CostModel
 
 KIB = 1024
 # Above this many decision units presolve skips probing (measured in BENCHMARKS.md).

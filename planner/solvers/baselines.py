@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 
 from ..candidates import articulation_points, plan_space
-from ..cost import CostModel
+from ..costmodel import CostModel
 from ..errors import BudgetInfeasibleError
 from ..ir import PlanGraph
 from ..simulate import simulate
-from . import SolveResult, SolverOptions, overhead_seconds, register
+from .base import SolveResult, SolverOptions, overhead_seconds, register
 
 
 def _segment_plan(graph: PlanGraph, costs: CostModel, boundaries: set[str]) -> dict[str, str]:

@@ -16,10 +16,10 @@ plan still fits. The simulator judges every step, so a plan the greedy returns f
 from __future__ import annotations
 
 from ..candidates import PlanSpace, articulation_points, plan_space
-from ..cost import CostModel
+from ..costmodel import CostModel
 from ..ir import PlanGraph
 from ..simulate import simulate
-from . import SolveResult, SolverOptions, infeasible, overhead_seconds, register
+from .base import NoPlanFound, SolveResult, SolverOptions, overhead_seconds, register
 
 SIMULATIONS = 160  # at most this many simulator runs per call (about 5 s at 1,000 nodes)
 
@@ -112,6 +112,6 @@ def solve_greedy(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                  options: SolverOptions) -> SolveResult:
     decisions = greedy_decisions(graph, costs, budget_bytes)
     if decisions is None:
-        raise infeasible(graph, costs, budget_bytes, "greedy")
+        raise NoPlanFound("the greedy's segment plans do not fit")
     return SolveResult(decisions=decisions, status="heuristic",
                        objective=overhead_seconds(costs, decisions))

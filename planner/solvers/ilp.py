@@ -32,20 +32,14 @@ from dataclasses import dataclass, field
 from ortools.linear_solver import pywraplp
 
 from ..candidates import plan_space
-from ..compression import allowed_options
-from ..cost import LOSS, CostModel
+from ..costmodel import LOSS, CostModel
 from ..errors import SolverError
 from ..ir import PlanGraph
+from ..packing import allowed_options
 from ..simulate import simulate
-from . import (
-    SolveResult,
-    SolverOptions,
-    infeasible,
-    least_peak_decisions,
-    overhead_seconds,
-    register,
-)
 from ._cpsat import CpSatModel
+from .base import NoPlanFound, SolveResult, SolverOptions, overhead_seconds, register
+from .greedy import greedy_decisions
 from .refine import refine
 
 KIB = 1024.0
@@ -604,8 +598,6 @@ def solve_min_peak(graph: PlanGraph, costs: CostModel,
 @register("ilp")
 def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
               options: SolverOptions) -> SolveResult:
-    from .greedy import greedy_decisions
-
     start = time.perf_counter()
     space_units = len(plan_space(graph, costs).groups)
     unit_of = coarse_units(graph, costs, MAX_UNITS)
@@ -613,7 +605,7 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
     facts = _facts(graph, costs, unit_of, options)
     notes = []
     if facts.optimizer_peak * KIB > budget_bytes:
-        raise infeasible(graph, costs, budget_bytes, "ilp", options)
+        raise NoPlanFound("the optimizer step alone exceeds the budget")
     # The time limit holds for the whole call: warm start, build, search and refine. The
     # warm start and the refine run the simulator; each gets a tenth of the limit.
     deadline = start + options.time_limit_seconds
@@ -685,18 +677,6 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
         return SolveResult(decisions=warm, status="heuristic",
                            objective=overhead_seconds(costs, warm), bound=None,
                            notes=tuple(notes))
-    # the greedy found nothing (it also never compresses): start from the plan of least
-    # peak and give back what the budget does not need, judged by the simulator. Near
-    # the smallest budget this is how a plan is found at all: the conservative model can
-    # be infeasible there, and CBC found no plan in 30 s on ViT-tiny at that budget
-    lowest = least_peak_decisions(graph, costs, options)
-    timeline = simulate(graph, costs, lowest)
-    if timeline.peak_bytes <= budget_bytes:
-        lowest = refine(graph, costs, lowest, budget_bytes, max_simulations=200)
-        notes.append(f"{reason}; returned the least-peak plan, refined by the simulator")
-        return SolveResult(decisions=lowest, status="heuristic",
-                           objective=overhead_seconds(costs, lowest), bound=None,
-                           notes=tuple(notes))
-    # below the least peak fedplan's search finds: say so, with that peak
-    raise infeasible(graph, costs, budget_bytes, "ilp", options,
-                     smallest=(timeline.peak_bytes, timeline.breakdown))
+    # the greedy found nothing (it also never compresses): solve() starts from the plan of
+    # least peak
+    raise NoPlanFound(reason)

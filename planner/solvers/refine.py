@@ -36,11 +36,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..candidates import plan_space
-from ..cost import LOSS, CostModel
+from ..costmodel import LOSS, CostModel
 from ..errors import BadInputError
 from ..ir import PlanGraph
 from ..simulate import COMPUTE_OPS, simulate
-from . import overhead_seconds
+from .base import overhead_seconds
 
 # At most this many simulator runs per call. A simulation of a 1,000-node layered graph
 # took 28 ms (1,120 nodes, 2 loaded cores): 120 runs bound refine to about 3.5 s there.
