@@ -54,6 +54,9 @@ class FlowerRunConfig:
     """Nodes selected per round (at most the nodes known)."""
     selector: str = "fedhybrid"
     """``exclude``, ``random``, ``oort`` or ``fedhybrid`` (:mod:`fedplan.fl.selectors`)."""
+    strategy: str = ""
+    """A round policy by name (:mod:`fedplan.fl.strategies`: a selector's name, or
+    ``profl``, ``neulite``, ``smartsplit``, ``heterofl``); empty: ``selector``'s."""
     epochs: int = 1
     batch_size: int = 0
     """0: the model file's ``DEFAULT_BATCH_SIZE``."""
@@ -93,6 +96,10 @@ class FlowerRunConfig:
                 raise _bad(_key(name), "a positive number", value)
         if not 0 < self.bucket_fraction < 1:
             raise _bad("bucket-fraction", "a number in (0, 1)", self.bucket_fraction)
+        if self.strategy:
+            from fedplan.fl.strategies import strategy_names
+            if self.strategy not in strategy_names():
+                raise _bad("strategy", f"one of {', '.join(strategy_names())}", self.strategy)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerRunConfig:
