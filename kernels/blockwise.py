@@ -58,9 +58,13 @@ BLOCK_SIZES = tuple(2**k for k in range(6, 13))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("reference", "fast")
 CHUNK_ELEMENTS = 1 << 15
-"""Elements per chunk of the fast path (a multiple of every block size). Measured on the
-development machine (2 shared cores, 8M float32 elements): quantize ran at about the same
-speed from 2**14 to 2**20 elements per chunk; 2**15 keeps the scratch buffers at 0.5 MiB."""
+"""Elements per chunk of the fast path (a multiple of every block size): the scratch is
+13 bytes per element (0.4 MiB). Measured on the development machine (one thread, 8M float32
+elements): quantize 0.71 GB/s, dequantize 1.5 GB/s of float32, against 2.5 GB/s for a copy
+and 0.08 GB/s for ``torch.bucketize`` on the same values. With more threads than free cores
+(the shared 2-core box under load) torch's per-block reductions of small chunks stall in
+thread contention (10 ms instead of 4 us per call): measure with ``torch.set_num_threads(1)``
+there."""
 
 # Bits of the float32 pattern dropped to index the lookup table: 15 keeps the sign, the
 # exponent and 8 mantissa bits, so a table entry spans a relative width of 2**-8 = 0.0039,
@@ -219,14 +223,16 @@ def _block_view(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
     return head, (x[whole:] if whole < x.numel() else None)
 
 
-def _absmax_into(x: torch.Tensor, absmax: torch.Tensor, block_size: int) -> None:
-    head, tail = _block_view(x, block_size)
+def _absmax_into(x: torch.Tensor, absmax: torch.Tensor, block_size: int,
+                 scratch: torch.Tensor) -> None:
+    # |x| into scratch, then a max per block: 2 ms for 4M elements, where
+    # torch.aminmax(dim=1) on the same chunks took 20-360 ms (measured on the 2-core box)
+    magnitude = torch.abs(x, out=scratch)
+    head, tail = _block_view(magnitude, block_size)
     if head.shape[0]:
-        low, high = torch.aminmax(head, dim=1)  # no |x| temporary
-        torch.maximum(high, low.neg_(), out=absmax[: head.shape[0]])
+        torch.amax(head, dim=1, out=absmax[: head.shape[0]])
     if tail is not None:
-        low, high = torch.aminmax(tail)
-        absmax[-1] = torch.maximum(high, -low)
+        absmax[-1] = tail.max()
 
 
 def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, *,
@@ -251,8 +257,8 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, *,
         length = end - start
         first, last = start // block_size, n_blocks(end, block_size)
         xs, am = x[start:end], absmax[first:last]
-        _absmax_into(xs, am, block_size)
         values = ws.values[:length]
+        _absmax_into(xs, am, block_size, values)
         safe = torch.where(am == 0, 1.0, am)
         head, tail = _block_view(xs, block_size)
         head_out, tail_out = _block_view(values, block_size)
