@@ -34,7 +34,8 @@ Format
   two map values around ``x / absmax``; ``g <= 0.0141`` everywhere (top decade, signed map).
 * Not finite in, not finite out: a block holding NaN or +-Inf has a non-finite ``absmax``
   and every one of its elements dequantizes to NaN or +-Inf (optimizer state is non-finite
-  only when the parameters already are).
+  only when the parameters already are). The rule above still fixes every code (``v`` NaN
+  has code 0: no midpoint is below NaN), so all implementations agree on such blocks too.
 * Bytes: ``numel`` (codes) + ``4 * ceil(numel / block_size)`` (absmax):
   ``blockwise_nbytes``. At block 256 that is 1.0156 bytes per element against 4 in float32.
 
@@ -109,6 +110,9 @@ class _Tables:
         first_bits = (first_keys ^ ((first_keys >> 31) & 0x7FFFFFFF)).to(torch.int32)
         first_values = first_bits.view(torch.float32)
         lut = torch.searchsorted(mid, first_values, right=False).to(torch.int32)
+        # one entry past +1.0 for every key above it: only NaN (|x| <= absmax bounds v
+        # otherwise), whose code is 0 as in the reference (no midpoint is < NaN)
+        lut = torch.cat([lut, torch.zeros(1, dtype=torch.int32)])
         mid_buckets = (_order_keys(mid.view(torch.int32)) >> _LUT_SHIFT).tolist()
         if len(set(mid_buckets)) != len(mid_buckets):
             raise AssertionError("two midpoints share a lookup-table entry")
@@ -270,7 +274,7 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, *,
         bits = values.view(torch.int32)
         torch.bitwise_right_shift(bits, 31, out=keys)
         keys.bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits).bitwise_right_shift_(_LUT_SHIFT)
-        keys.sub_(tables.lut_low).clamp_(0, tables.lut_high - tables.lut_low)
+        keys.sub_(tables.lut_low).clamp_(0, tables.lut_high - tables.lut_low + 1)
         torch.index_select(tables.lut, 0, keys, out=code)
         # keys is free again: reuse its memory for the midpoint above each candidate code
         mids = keys.view(torch.float32)

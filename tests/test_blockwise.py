@@ -113,6 +113,10 @@ def test_zero_block_and_non_finite_blocks():
     x[600] = float("inf")
     x[900] = 2.0
     q = quantize_blockwise(x, block_size=256)
+    ref = quantize_blockwise(x, block_size=256, impl="reference")
+    assert torch.equal(q.codes, ref.codes)  # NaN / Inf blocks: the same codes as well
+    torch.testing.assert_close(q.absmax, ref.absmax, rtol=0, atol=0, equal_nan=True)
+    assert q.absmax[1].isnan() and q.absmax[2].isinf()
     y = dequantize_blockwise(q)
     assert torch.equal(y[:256], torch.zeros(256))  # all-zero block: absmax 0, exact zeros
     assert not bool(torch.isfinite(y[256:768]).any())  # not finite in, not finite out
