@@ -40,10 +40,12 @@ Format
   ``blockwise_nbytes``. At block 256 that is 1.0156 bytes per element against 4 in float32.
 
 Implementations: ``"reference"`` (plain torch over the whole tensor; compares every element
-with all 255 midpoints: it defines the format, for tests on small tensors) and ``"fast"``
+with all 255 midpoints: it defines the format, for tests on small tensors), ``"fast"``
 (vectorised torch on chunks of whole blocks with reused scratch buffers, any device: a
-lookup table on the float's top bits gives the code up to one midpoint comparison). Both
-give identical codes and absmax. The fast path's primitives ``quantize_into`` /
+lookup table on the float's top bits gives the code up to one midpoint comparison) and
+``"triton"`` (:mod:`.blockwise_triton`: one program per block, a binary search over the
+midpoints; CUDA, or CPU under ``TRITON_INTERPRET=1``; ``impl="auto"`` takes it for CUDA
+tensors). All give identical codes and absmax. The fast path's primitives ``quantize_into`` /
 ``dequantize_into`` work on a block-aligned slice, so an optimizer can dequantize, update
 and requantize its state chunk by chunk with temporaries of one chunk.
 """
@@ -57,7 +59,7 @@ import torch
 
 BLOCK_SIZES = tuple(2**k for k in range(6, 13))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLS = ("reference", "fast")
+IMPLS = ("reference", "fast", "triton")
 CHUNK_ELEMENTS = 1 << 15
 """Elements per chunk of the fast path (a multiple of every block size): the scratch is
 13 bytes per element (0.4 MiB). Measured on the development machine (one thread, 8M float32
@@ -325,12 +327,27 @@ def _check_input(x: torch.Tensor, block_size: int, impl: str) -> None:
         raise ValueError(f"expected impl 'auto' or one of {IMPLS}; found {impl!r}")
 
 
+def _use_triton(device: torch.device) -> bool:
+    """impl='auto' takes Triton for CUDA tensors when it imports; the fast path otherwise."""
+    if device.type != "cuda":
+        return False
+    from . import blockwise_triton
+
+    return blockwise_triton.is_available()
+
+
 def quantize_blockwise(x: torch.Tensor, *, block_size: int = 256, signed: bool = True,
                        impl: str = "auto") -> BlockwiseQuantized:
     """Quantize ``x`` into the block-wise 8-bit format (``impl``: auto = fast)."""
     _check_input(x, block_size, impl)
     if impl == "reference":
         codes, absmax = reference_quantize(x, block_size, signed)
+    elif impl == "triton" or (impl == "auto" and _use_triton(x.device)):
+        from . import blockwise_triton
+
+        tables = _Tables.get(signed, x.device)
+        codes, absmax = blockwise_triton.quantize(x.detach().reshape(-1).contiguous(),
+                                                  block_size, tables.mid_padded)
     else:
         flat = x.detach().reshape(-1).to(torch.float32).contiguous()
         codes = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
@@ -354,6 +371,11 @@ def dequantize_blockwise(q: BlockwiseQuantized, *, out: torch.Tensor | None = No
     flat = out.view(-1)
     if impl == "reference":
         flat.copy_(reference_dequantize(q.codes, q.absmax, q.block_size, q.signed))
+    elif impl == "triton" or (impl == "auto" and _use_triton(q.codes.device)):
+        from . import blockwise_triton
+
+        blockwise_triton.dequantize(q.codes, q.absmax, _Tables.get(q.signed, q.codes.device)
+                                    .table, q.block_size, flat)
     else:
         dequantize_into(q.codes, q.absmax, flat, block_size=q.block_size, signed=q.signed)
     return out

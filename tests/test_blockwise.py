@@ -152,3 +152,88 @@ def test_into_primitives_on_block_aligned_slices_with_a_small_workspace():
     assert torch.equal(out, dequantize_blockwise(whole))
     with pytest.raises(ValueError, match="expected codes of 10"):
         quantize_into(x[:10], codes[:9], absmax[:1], block_size=256, signed=True)
+
+
+# ----------------------------------------------------------------------------- triton
+
+TRITON_SCRIPT = r"""
+import json, torch
+from fedplan.kernels import blockwise, blockwise_triton
+from fedplan.kernels.blockwise import quantize_blockwise, dequantize_blockwise
+results = {"available": blockwise_triton.is_available()}
+for name, n, block_size, signed, dtype in json.loads(__import__("sys").argv[1]):
+    try:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+        x = (x if signed else x * x).to(getattr(torch, dtype))
+        if name == "nonfinite":
+            x[5], x[n - 3] = float("nan"), float("inf")
+        a = quantize_blockwise(x, block_size=block_size, signed=signed, impl="reference")
+        b = quantize_blockwise(x, block_size=block_size, signed=signed, impl="triton")
+        assert torch.equal(a.codes, b.codes), "codes differ"
+        torch.testing.assert_close(a.absmax, b.absmax, rtol=0, atol=0, equal_nan=True)
+        ya = dequantize_blockwise(a, impl="reference")
+        yb = dequantize_blockwise(b, impl="triton")
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0, equal_nan=True)
+        results[name] = "ok"
+    except Exception as e:
+        results[name] = f"{type(e).__name__}: {e}"
+checks = {}
+mid = blockwise._Tables.get(True, torch.device("cpu")).mid_padded
+for label, call in [
+    ("noncontiguous", lambda: blockwise_triton.quantize(torch.randn(8, 4).t(), 64, mid)),
+    ("dtype", lambda: blockwise_triton.quantize(torch.randn(8).double(), 64, mid)),
+    ("size", lambda: blockwise_triton.dequantize(torch.zeros(70, dtype=torch.uint8),
+                                                 torch.zeros(1), mid, 64, torch.empty(70))),
+]:
+    try:
+        call()
+        checks[label] = "no error"
+    except (TypeError, ValueError) as e:
+        checks[label] = "raised " + type(e).__name__
+results["wrapper_checks"] = checks
+print("RESULTS " + json.dumps(results))
+"""
+
+TRITON_CASES = [
+    # name, numel, block size, signed, dtype
+    ("s256_1000", 1000, 256, True, "float32"),
+    ("u256_1000", 1000, 256, False, "float32"),
+    ("s64_1", 1, 64, True, "float32"),
+    ("s2048_3000", 3000, 2048, True, "float32"),
+    ("u64_257_bf16", 257, 64, False, "bfloat16"),
+    ("s128_300_f16", 300, 128, True, "float16"),
+    ("nonfinite", 600, 256, True, "float32"),
+]
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable (pip install 'fedplan[triton]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, json.dumps(TRITON_CASES)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"triton subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_reference(triton_results, case):
+    assert triton_results["available"] is True
+    assert triton_results[case[0]] == "ok", triton_results[case[0]]
+
+
+@pytest.mark.triton
+def test_triton_wrapper_checks(triton_results):
+    checks = triton_results["wrapper_checks"]
+    assert checks and all(v.startswith("raised") for v in checks.values()), checks
