@@ -276,14 +276,17 @@ class QuantizedAdam(_QuantizedStateOptimizer):
     """Adam whose moments are held in 8 bits (first moment signed, second unsigned).
 
     Hyperparameters and update are torch.optim.Adam's (``lr``, ``betas``, ``eps``,
-    ``weight_decay`` as L2 added to the gradient; no amsgrad, no maximize).
+    ``weight_decay`` added to the gradient, or with ``decoupled_weight_decay=True``
+    torch.optim.AdamW's decay of the parameter; no amsgrad, no maximize).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 decoupled_weight_decay: bool = False,
                  quantization: StateQuantization | None = None):
         self.quantization = quantization or StateQuantization()
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -333,7 +336,10 @@ class QuantizedAdam(_QuantizedStateOptimizer):
         beta1, beta2 = group["betas"]
         grad = param.grad
         if group["weight_decay"] != 0:
-            grad = grad.add(param, alpha=group["weight_decay"])
+            if group.get("decoupled_weight_decay", False):
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+            else:
+                grad = grad.add(param, alpha=group["weight_decay"])
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -345,6 +351,7 @@ class QuantizedAdam(_QuantizedStateOptimizer):
                         scratch: _Scratch) -> None:
         beta1, beta2 = group["betas"]
         weight_decay, eps = group["weight_decay"], group["eps"]
+        decoupled = group.get("decoupled_weight_decay", False)
         step_size, bias_correction2_sqrt = self._factors(state, group)
         flat_param = _flat(param, "parameter")
         flat_grad = param.grad.reshape(-1)
@@ -354,7 +361,9 @@ class QuantizedAdam(_QuantizedStateOptimizer):
             length = end - start
             p = flat_param[start:end]
             g = flat_grad[start:end]
-            if weight_decay != 0:
+            if weight_decay != 0 and decoupled:
+                p.mul_(1 - group["lr"] * weight_decay)
+            elif weight_decay != 0:
                 g = torch.add(g, p, alpha=weight_decay, out=grad_buf[:length])
             exp_avg, exp_avg_sq = avg_buf[:length], sq_buf[:length]
             self._load(state, "exp_avg", start, end, exp_avg, True, ws)
@@ -366,6 +375,63 @@ class QuantizedAdam(_QuantizedStateOptimizer):
             p.addcdiv_(exp_avg, denom, value=-step_size)
             self._store(state, "exp_avg", start, end, exp_avg, True, ws)
             self._store(state, "exp_avg_sq", start, end, exp_avg_sq, False, ws)
+
+
+_UNSUPPORTED_FLAGS = ("maximize", "amsgrad", "differentiable", "capturable")
+
+
+def to_quantized(optimizer: torch.optim.Optimizer, *,
+                 quantization: StateQuantization | None = None) -> _QuantizedStateOptimizer:
+    """The 8-bit-state counterpart of a ``torch.optim.SGD`` (momentum > 0), ``Adam`` or
+    ``AdamW``: same parameters, param groups (every key, e.g. a scheduler's
+    ``initial_lr``) and hyperparameters, its current state converted (momentum and
+    moments quantized, ``step`` copied). The caller replaces its optimizer with the result
+    (an LR scheduler must be rebuilt on it). Raises BadInputError for other optimizers and
+    for flags the 8-bit optimizers do not implement (maximize, amsgrad, differentiable,
+    capturable, momentum 0).
+    """
+    kind = type(optimizer)
+    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        raise BadInputError(f"expected a torch.optim.SGD, Adam or AdamW to give 8-bit state; "
+                            f"found {kind.__name__}: keep its state in 32 bits")
+    for group in optimizer.param_groups:
+        used = [flag for flag in _UNSUPPORTED_FLAGS if group.get(flag)]
+        if kind is torch.optim.SGD and not group["momentum"] > 0:
+            used.append("momentum 0")
+        if used:
+            raise BadInputError(f"expected {kind.__name__} without {', '.join(used)} for "
+                                f"8-bit state; found it set: keep its state in 32 bits")
+    groups = [{key: value for key, value in group.items() if key not in
+               ("foreach", "fused", *_UNSUPPORTED_FLAGS)} for group in optimizer.param_groups]
+    if kind is torch.optim.SGD:
+        new = QuantizedSGD(groups, quantization=quantization)
+    else:
+        for group in groups:
+            group["decoupled_weight_decay"] = kind is torch.optim.AdamW or \
+                bool(group.get("decoupled_weight_decay", False))
+        new = QuantizedAdam(groups, quantization=quantization)
+    scratch = Workspace(torch.device("cpu"), UPDATE_CHUNK)
+    for param, old in optimizer.state.items():
+        state = new.state[param]
+        quantized = new.quantization.quantizes(param.numel())
+        if "step" in old:
+            state["step"] = old["step"].detach().clone().to(torch.float32)
+        for name, signed in (("momentum_buffer", True), ("exp_avg", True),
+                             ("exp_avg_sq", False)):
+            value = old.get(name)
+            if value is None:
+                continue
+            if not quantized:
+                state[name] = value.detach().clone()
+                continue
+            short = "momentum" if name == "momentum_buffer" else name
+            new._init_codes(state, short, param, signed)
+            if scratch.device != param.device:
+                scratch = Workspace(param.device, UPDATE_CHUNK)
+            new._store(state, short, 0, param.numel(),
+                       _flat(value.detach().to(torch.float32).contiguous(), "state"),
+                       signed, scratch)
+    return new
 
 
 def make_quantized_optimizer(name: str, params, *, lr: float | None = None,

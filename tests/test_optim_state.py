@@ -19,6 +19,7 @@ from fedplan.runtime.optim_state import (
     compressed_state_bytes,
     make_quantized_optimizer,
     state_bytes,
+    to_quantized,
 )
 from fedplan.runtime.step import StepOptions, train_step
 from fedplan.runtime.step_measure import measure_train_step
@@ -230,3 +231,63 @@ def test_bad_options_raise():
         QuantizedSGD(model().parameters(), momentum=0.0)
     with pytest.raises(ValueError, match="expected optimizer"):
         make_quantized_optimizer("rmsprop", model().parameters())
+
+
+def test_adamw_float32_state_is_torch_adamw_bit_for_bit():
+    a, b = model(), model()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = QuantizedAdam(b.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                          quantization=StateQuantization(bits=32))
+    for step in range(2):
+        ordinary(a, opt_a, step)
+        ordinary(b, opt_b, step)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_to_quantized_keeps_groups_and_converts_state(kind):
+    """Two steps with torch's optimizer, convert, one more step: equal to converting the
+    state by hand (quantize torch's state) and stepping an 8-bit optimizer from it, and at
+    32 bits equal to torch's own third step."""
+    def torch_optimizer(module):
+        groups = [{"params": [module[0].weight, module[2].weight], "lr": 0.02},
+                  {"params": [module[0].bias, module[2].bias], "weight_decay": 0.0}]
+        if kind == "sgd":
+            return torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                   nesterov=True)
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        return cls(groups, lr=1e-2, weight_decay=1e-3)
+
+    a, b, c = model(), model(), model()
+    opt_a, opt_b, opt_c = torch_optimizer(a), torch_optimizer(b), torch_optimizer(c)
+    for step in range(2):
+        for module, opt in ((a, opt_a), (b, opt_b), (c, opt_c)):
+            ordinary(module, opt, step)
+    float32 = to_quantized(opt_c, quantization=StateQuantization(bits=32))
+    eight = to_quantized(opt_b)
+    assert [g["lr"] for g in eight.param_groups] == [g["lr"] for g in opt_b.param_groups]
+    assert eight.param_groups[1]["weight_decay"] == 0.0
+    weight = b[0].weight
+    if kind == "sgd":
+        assert eight.state[weight]["momentum_codes"].dtype == torch.uint8
+    else:
+        assert torch.equal(eight.state[weight]["step"], opt_b.state[weight]["step"])
+        assert eight.param_groups[0]["decoupled_weight_decay"] == (kind == "adamw")
+    ordinary(a, opt_a, 2)  # torch's third step
+    ordinary(c, float32, 2)  # the converted 32-bit optimizer's: the same, bit for bit
+    ordinary(b, eight, 2)  # the 8-bit one runs from the quantized state: close, not equal
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.equal(pa, pc)
+    assert not torch.equal(b[0].weight, a[0].weight)
+    # within a tenth of one step's lr (0.02) of torch's: the converted state is used
+    assert (b[0].weight - a[0].weight).abs().max() <= 0.1 * 0.02
+
+
+def test_to_quantized_refuses_what_it_cannot_convert():
+    with pytest.raises(BadInputError, match="RMSprop"):
+        to_quantized(torch.optim.RMSprop(model().parameters()))
+    with pytest.raises(BadInputError, match="amsgrad"):
+        to_quantized(torch.optim.Adam(model().parameters(), amsgrad=True))
+    with pytest.raises(BadInputError, match="momentum 0"):
+        to_quantized(torch.optim.SGD(model().parameters(), lr=0.1))
