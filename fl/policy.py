@@ -88,6 +88,8 @@ class PolicyConfig:
     seed: int
     deadline_seconds: float | None = None
     """Simulated seconds a client may take per round; slower clients are stragglers."""
+    rounds: int | None = None
+    """Rounds the run will have, when known (strategies that pace stages read it)."""
 
 
 @dataclass(eq=False)

@@ -53,6 +53,7 @@ from .messages import (
     to_bytes,
     validate_reply,
 )
+from .models import default_model
 from .plan_cache import PlanCache
 from .policy import ClientInfo, Outcome, RoundPolicy, derive_seed, evaluate, fedavg
 from .policy import make_candidate as _make_candidate
@@ -62,7 +63,8 @@ from .strategies import make_policy, run_instruction, strategy_names
 __all__ = ["DEFAULT_MODEL", "Federation", "Server", "SimConfig", "build_federation",
            "derive_seed", "evaluate", "fedavg", "run_simulation"]
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "examples" / "mnist_cnn.py")
+DEFAULT_MODEL = default_model("mnist5k")
+"""The packaged model of the default dataset (each dataset's: :mod:`.models`)."""
 STATE_FILE = "state.npz"
 PARTITIONS = ("dirichlet", "iid", "shards", "correlated")
 MIN_SAMPLES = 10
@@ -73,10 +75,12 @@ MIN_SAMPLES = 10
 class SimConfig:
     """Everything that defines a simulated federation; two equal configs give equal runs."""
 
-    model: str = DEFAULT_MODEL
-    """A model file (README's contract) taking (B, 1, H, W) images."""
+    model: str = ""
+    """A model file (README's contract) for the dataset's inputs; empty: the dataset's
+    packaged default (:mod:`.models`), or a dataset file's ``DEFAULT_MODEL``."""
     dataset: str = "mnist5k"
-    """``mnist5k``, ``fashion-mnist`` or ``digits`` (:mod:`.data`)."""
+    """``mnist5k``, ``fashion-mnist``, ``digits``, ``shakespeare`` (:mod:`.data`) or a
+    dataset file ``path/to/data.py`` (README's contract: ``load_clients``)."""
     num_clients: int = 100
     rounds: int = 30
     clients_per_round: int = 10
@@ -114,6 +118,11 @@ class SimConfig:
     seed: int = 0
     deadline_seconds: float | None = None
     """Simulated seconds a client may take per round; slower clients are dropped."""
+    max_client_samples: int | None = None
+    """Keep at most this many samples of each client's partition (its first ones, in the
+    partition's seeded order); None keeps all. For quick runs on the 60k Fashion-MNIST."""
+    plan_time_limit: float = 20.0
+    """Seconds each plan solve may take (the plan cache's solver time limit)."""
     bucket_fraction: float = 0.025
     threads: int = 1
     """torch threads while the simulation runs (restored afterwards)."""
@@ -142,6 +151,10 @@ class SimConfig:
             bad(f"expected a positive learning rate; found {self.lr}")
         if self.deadline_seconds is not None and not self.deadline_seconds > 0:
             bad(f"expected a positive deadline; found {self.deadline_seconds}")
+        if not (self.plan_time_limit > 0 and math.isfinite(self.plan_time_limit)):
+            bad(f"expected a positive plan_time_limit; found {self.plan_time_limit}")
+        if self.max_client_samples is not None and self.max_client_samples < 1:
+            bad(f"expected a positive max_client_samples; found {self.max_client_samples}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"expected a positive batch size; found {self.batch_size}")
 
@@ -225,18 +238,43 @@ def _partitions(config: SimConfig, labels: torch.Tensor, devices, keep_all: int,
                                        config.alpha, seed, config.leak, min_size=min_size)
 
 
+def solver_options(time_limit: float):
+    """The plan cache's solver options: one worker (CP-SAT workers race; the same seed
+    must give the same plans) and ``time_limit`` seconds per solve."""
+    import fedplan
+    return fedplan.SolverOptions(workers=1, time_limit_seconds=float(time_limit))
+
+
+def model_for(dataset: str) -> str:
+    """The model file a federation on ``dataset`` uses when none is given: a dataset
+    file's ``DEFAULT_MODEL`` (relative to the file), else the packaged default."""
+    if fldata.is_dataset_file(dataset):
+        import re
+        text = Path(dataset).read_text(encoding="utf-8") if Path(dataset).is_file() else ""
+        found = re.search(r"^DEFAULT_MODEL\s*=\s*[\"']([^\"']+)[\"']", text, re.M)
+        if not found:
+            raise BadInputError(f"{dataset}: a dataset file needs --model, or a line "
+                                "DEFAULT_MODEL = 'model.py' naming its model file")
+        return str((Path(dataset).parent / found.group(1)).resolve())
+    try:
+        return default_model(fldata._canonical(dataset))
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from exc
+
+
 def build_federation(config: SimConfig, progress: Callable[[str], None] | None = None
                      ) -> Federation:
     """Load model and data, plan once per budget bucket, draw devices and partitions."""
     say = progress or (lambda _m: None)
     start = time.perf_counter()
-    spec = load_model_file(config.model)
-    batch_size = config.batch_size or spec.default_batch_size
     try:
-        dataset = fldata.load_dataset(config.dataset)
+        dataset, natural = fldata.load_federated(config.dataset, config.num_clients,
+                                                 config.seed)
         tiers_arg = fldevices.parse_tiers_arg(config.tiers)
     except ValueError as exc:
         raise BadInputError(str(exc)) from exc
+    spec = load_model_file(config.model or model_for(config.dataset))
+    batch_size = config.batch_size or spec.default_batch_size
     (inputs, *rest), targets = spec.batch(batch_size)
     if rest or tuple(inputs.shape[1:]) != dataset.input_shape:
         raise BadInputError(
@@ -246,7 +284,8 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
     say(f"tracing and measuring {spec.name} (batch {batch_size})")
     with torch_threads(config.threads):
         cache = PlanCache(spec.build, inputs, targets, lr=config.lr, loss_fn=spec.loss_fn,
-                          bucket_fraction=config.bucket_fraction, progress=say)
+                          bucket_fraction=config.bucket_fraction, progress=say,
+                          options=solver_options(config.plan_time_limit))
         keep_all = cache.keep_all_bytes
         try:
             if tiers_arg.fractions is not None:
@@ -260,7 +299,10 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
                 # quota: exact tier counts (largest remainder), in seeded random order
                 devices = fldevices.sample_devices(config.num_clients, tiers, config.seed,
                                                    method="quota")
-            partitions = _partitions(config, dataset.train_y, devices, keep_all, MIN_SAMPLES)
+            partitions = natural if natural is not None else _partitions(
+                config, dataset.train_y, devices, keep_all, MIN_SAMPLES)
+            if config.max_client_samples is not None:
+                partitions = [p[:config.max_client_samples] for p in partitions]
         except ValueError as exc:
             raise BadInputError(str(exc)) from exc
         candidates = [

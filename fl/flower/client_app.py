@@ -58,8 +58,9 @@ def node_partition(config: FlowerRunConfig, node: NodeSpec, labels: torch.Tensor
 
 
 def _node_data(config: FlowerRunConfig, node: NodeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = fldata.load_dataset(config.dataset)
-    idx = node_partition(config, node, dataset.train_y)
+    dataset, natural = fldata.load_federated(config.dataset, node.num_partitions, config.seed)
+    idx = natural[node.partition_id] if natural is not None else \
+        node_partition(config, node, dataset.train_y)
     return dataset.train_x[idx], dataset.train_y[idx]
 
 

@@ -130,7 +130,7 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
     torch.set_num_threads(config.threads)
     spec = load_model_file(config.model_path)
     batch_size = config.batch_size or spec.default_batch_size
-    dataset = fldata.load_dataset(config.dataset)
+    dataset, _ = fldata.load_federated(config.dataset, config.test_clients, config.seed)
     (inputs, *rest), targets = spec.batch(batch_size)
     if rest or tuple(inputs.shape[1:]) != dataset.input_shape:
         raise BadInputError(f"{spec.path}: inputs of shape {tuple(inputs.shape[1:])} per "

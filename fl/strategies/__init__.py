@@ -36,7 +36,7 @@ def register(name: str, policy: type[RoundPolicy], client: Callable[..., ClientR
     _CLIENTS[name] = client
 
 
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("heterofl", "neulite", "profl")
 """The strategy modules of this package (each registers itself on import)."""
 
 
@@ -91,7 +91,7 @@ def make_policy(federation, *, log: Callable[[str, dict[str, Any]], None] | None
     cfg = federation.config
     config = PolicyConfig(clients_per_round=cfg.clients_per_round, epochs=cfg.epochs,
                           batch_size=federation.batch_size, lr=cfg.lr, seed=cfg.seed,
-                          deadline_seconds=cfg.deadline_seconds)
+                          deadline_seconds=cfg.deadline_seconds, rounds=cfg.rounds)
     return build_policy(cfg.strategy or cfg.selector, config=config, cache=federation.cache,
                         spec=federation.spec, selector_options=cfg.selector_options,
                         options=cfg.strategy_options, log=log)
