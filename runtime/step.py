@@ -232,10 +232,21 @@ class OptimizerInBackward:
     stepped, as ``optimizer.step()`` skips them. Step hooks registered on the optimizer run
     once per parameter.
 
+    Not for optimizers whose step couples parameters (LBFGS, which needs a closure, is
+    refused; a global trust ratio or norm would silently see one parameter), nor for models
+    that save a *detached* alias of a parameter for a later backward node (the in-place
+    update would trip autograd's version check; ordinary uses cannot: a parameter's
+    gradient is complete only after every node that saved it has run).
+
     ``stepped`` counts the parameters updated while active.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise IncompatibleStepOptionsError(
+                "expected a per-parameter optimizer for the step inside backward; found "
+                "LBFGS, whose step re-evaluates the whole model through a closure: use "
+                "optimizer_in_backward=False")
         self.optimizer = optimizer
         self.stepped = 0
         self._handles: list[Any] = []

@@ -260,6 +260,9 @@ def test_incompatible_options_raise_clear_errors():
     with pytest.raises(IncompatibleStepOptionsError, match="share dim 0"):
         train_step(model, x, y[:3], cross_entropy, opt, options=StepOptions(microbatches=2))
     assert all(p.grad is None for p in model.parameters())  # refused before any work
+    with pytest.raises(IncompatibleStepOptionsError, match="LBFGS"):
+        train_step(model, x, y, cross_entropy, torch.optim.LBFGS(model.parameters()),
+                   options=StepOptions(optimizer_in_backward=True))
 
 
 def test_clipping_matches_clip_grad_norm():
