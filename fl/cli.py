@@ -32,10 +32,13 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                     "that fits its budget and trains its local epochs, FedAvg aggregates, "
                     "and the test set scores the global model against simulated time.")
     sim.add_argument("--model", default=None, metavar="MODEL.py",
-                     help="model file for (B, 1, H, W) images (default: "
-                          "examples/mnist_cnn.py)")
-    sim.add_argument("--dataset", default="mnist5k",
-                     help="mnist5k (default), fashion-mnist or digits")
+                     help="model file for the dataset's inputs (default: the dataset's "
+                          "packaged model: a CNN for mnist5k, a MobileNet-style CNN for "
+                          "fashion-mnist, a transformer decoder for shakespeare)")
+    sim.add_argument("--dataset", default="mnist5k", metavar="NAME|DATA.py",
+                     help="mnist5k (default), fashion-mnist, digits, shakespeare (split by "
+                          "speaking role), or a dataset file defining load_clients(num_clients, "
+                          "seed) (README)")
     sim.add_argument("--clients", type=int, default=100, metavar="N",
                      help="number of clients (default: 100)")
     sim.add_argument("--rounds", type=int, default=30, metavar="R",
@@ -44,6 +47,21 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                      help="clients selected per round (default: 10)")
     sim.add_argument("--selector", default="fedhybrid",
                      help="fedhybrid (default), oort, random or exclude")
+    sim.add_argument("--strategy", default=None, metavar="NAME",
+                     help="round policy: a selector's name (as --selector), or profl "
+                          "(progressive block training), neulite (block-wise with curriculum "
+                          "loss and co-adaptation), smartsplit (split training with an edge "
+                          "server), heterofl (width-scaled nested sub-models)")
+    sim.add_argument("--edge-memory", default=None, metavar="SIZE",
+                     help="smartsplit: the edge server's memory (default 4GB)")
+    sim.add_argument("--edge-speed", type=float, default=None, metavar="X",
+                     help="smartsplit: the edge server's speed relative to 1.0 (default 8)")
+    sim.add_argument("--bandwidth", default=None, metavar="SIZE",
+                     help="smartsplit: bytes per second between a device and the edge "
+                          "(default 2.5MB, 20 Mbit/s)")
+    sim.add_argument("--edge-fail-round", type=int, default=None, metavar="R",
+                     help="smartsplit, fault injection: the edge server fails in the middle "
+                          "of round R (1-based)")
     sim.add_argument("--partition", default="dirichlet",
                      help="dirichlet (default), iid, shards or correlated (clients below "
                           "the keep-all peak hold classes 0-4, the rest 5-9)")
@@ -58,6 +76,10 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                      help="local epochs (default: 2)")
     sim.add_argument("--batch-size", type=int, default=None, metavar="B",
                      help="batch size (default: the model file's DEFAULT_BATCH_SIZE)")
+    sim.add_argument("--max-client-samples", type=int, default=None, metavar="N",
+                     help="keep at most N samples per client (default: all)")
+    sim.add_argument("--plan-time-limit", type=float, default=20.0, metavar="S",
+                     help="seconds each plan solve may take (default: 20)")
     sim.add_argument("--lr", type=float, default=0.05, help="client SGD learning rate")
     sim.add_argument("--deadline", type=float, default=None, metavar="S",
                      help="simulated seconds a client may take per round; slower ones are "
@@ -104,8 +126,17 @@ def _usage(parser: argparse.ArgumentParser):
 
 def _config(args: argparse.Namespace):
     from fedplan.errors import BadInputError
+    from fedplan.units import parse_size
 
-    from .server import DEFAULT_MODEL, SimConfig
+    from .selectors import SELECTORS
+    from .server import SimConfig
+    strategy = args.strategy or ""
+    from .strategies import strategy_names
+    if strategy and strategy not in strategy_names():
+        raise BadInputError(f"unknown strategy {strategy!r}; valid names: "
+                            f"{', '.join(strategy_names())}")
+    if strategy in SELECTORS:
+        args.selector, strategy = strategy, ""
     options = {}
     if args.deadline_quantile is not None:
         if args.selector != "fedhybrid":
@@ -137,13 +168,32 @@ def _config(args: argparse.Namespace):
                 raise BadInputError(f"expected --pacer-step in (0, 1]; found "
                                     f"{args.pacer_step}")
             options["pacer_step"] = args.pacer_step
-    return SimConfig(model=args.model or DEFAULT_MODEL, dataset=args.dataset,
+    strategy_options: dict[str, Any] = {}
+    for flag, key in (("edge_memory", "edge_memory_bytes"), ("edge_speed", "edge_speed"),
+                      ("bandwidth", "bandwidth_bytes_per_second"),
+                      ("edge_fail_round", "edge_fail_round")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if strategy != "smartsplit":
+            raise BadInputError(f"--{flag.replace('_', '-')} applies to --strategy smartsplit;"
+                                f" found --strategy {strategy or args.selector}")
+        if key.endswith("bytes") or key.endswith("second"):
+            try:
+                value = parse_size(value)
+            except ValueError as exc:
+                raise BadInputError(f"--{flag.replace('_', '-')}: {exc}") from exc
+        strategy_options[key] = value
+    return SimConfig(model=args.model or "", dataset=args.dataset, strategy=strategy,
+                     strategy_options=strategy_options,
                      num_clients=args.clients, rounds=args.rounds,
                      clients_per_round=args.per_round, selector=args.selector,
                      partition=args.partition, alpha=args.alpha, tiers=args.tiers,
                      tier_anchor=args.tier_anchor, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      deadline_seconds=args.deadline, threads=args.threads,
+                     max_client_samples=args.max_client_samples,
+                     plan_time_limit=args.plan_time_limit,
                      selector_options=options)
 
 
@@ -195,7 +245,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.json:
         return _finite({k: v for k, v in result.items() if k != "events"}
                        | {"events": result["events"]})
-    table = Table(title=f"fedplan fl simulate: {config.selector} on {config.dataset}",
+    table = Table(title=f"fedplan fl simulate: {config.strategy or config.selector} on "
+                        f"{config.dataset}",
                   show_edge=False)
     for column in ("round", "sim s", "accuracy", "trained", "below keep-all", "skipped",
                    "rejected"):

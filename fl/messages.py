@@ -78,11 +78,16 @@ class TrainInstruction:
     lr: float
     seed: int
     budget_bytes: int
+    task: dict[str, Any] = field(default_factory=dict)
+    """What to train, for strategies that train part of the model (JSON: the strategy's
+    name and its block, width or cut; :mod:`fedplan.fl.strategies`). Empty: the whole
+    model, as sent."""
 
     def to_message(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"kind": "train", "round": self.round, "client_id": self.client_id,
                 "plan": self.plan, "epochs": self.epochs, "batch_size": self.batch_size,
-                "lr": self.lr, "seed": self.seed, "budget_bytes": self.budget_bytes}
+                "lr": self.lr, "seed": self.seed, "budget_bytes": self.budget_bytes,
+                "task": dict(self.task)}
         return meta, dict(self.weights)
 
     @classmethod
@@ -94,7 +99,8 @@ class TrainInstruction:
                        plan=dict(meta["plan"]), weights=dict(arrays),
                        epochs=int(meta["epochs"]), batch_size=int(meta["batch_size"]),
                        lr=float(meta["lr"]), seed=int(meta["seed"]),
-                       budget_bytes=int(meta["budget_bytes"]))
+                       budget_bytes=int(meta["budget_bytes"]),
+                       task=dict(meta.get("task") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"train instruction: missing or malformed field {exc}") from exc
 

@@ -118,12 +118,22 @@ class PlanCache:
                  loss_fn: Callable | None = None, bucket_fraction: float = 0.025,
                  flops_per_second: float = REFERENCE_FLOPS_PER_SECOND, solver: str = "ilp",
                  options: fedplan.SolverOptions | None = None, compress: bool = True,
-                 min_bits: int = 4,
+                 min_bits: int = 4, prefix_factory: Callable[[], nn.Module] | None = None,
                  progress: Callable[[str], None] | None = None):
         if not 0 < bucket_fraction < 1:
             raise ValueError(f"bucket_fraction must be in (0, 1); got {bucket_fraction}")
         self.model_factory = model_factory
         self.inputs, self.targets = example_inputs, example_targets
+        # Block-wise training: the device also holds a frozen prefix and runs it (no
+        # grad) before the planned part. Budgets and measurements are of the whole
+        # device step; the planner plans the trained part with what the prefix leaves.
+        self.prefix_factory = prefix_factory
+        self.raw_inputs = example_inputs
+        self.offset_bytes = 0
+        if prefix_factory is not None:
+            prefix = prefix_factory().eval()
+            with torch.no_grad():
+                self.inputs = example_inputs = prefix(example_inputs)
         self.optimizer, self.lr, self.loss_fn = optimizer, lr, loss_fn
         self.batch_size = int(example_inputs.shape[0])
         self.bucket_fraction = bucket_fraction
@@ -151,9 +161,20 @@ class PlanCache:
         self.keep_all_predicted_bytes = simulate(self.analysis.graph,
                                                  self.analysis.costs).peak_bytes
         self.base_step_seconds = 3.0 * sum(n.forward_seconds for n in self.analysis.costs.nodes)
+        self.prefix_seconds = 0.0
+        if prefix_factory is not None:  # its forward only: analytic like the rest
+            traced = fedplan.analyze(prefix_factory(), self.raw_inputs, None,
+                                     loss_fn=lambda out, _t: out.float().mean(),
+                                     repeats=1, compress=False)
+            self.prefix_seconds = sum(n.forward_seconds for n in analytic_costs(
+                traced.costs, flops_per_second=flops_per_second).nodes)
+            self.base_step_seconds += self.prefix_seconds
         keep_all = self._solve(self.keep_all_predicted_bytes)
-        self.keep_all_bytes = measure_plan_peak(model_factory, keep_all, example_inputs,
-                                                example_targets, loss_fn=loss_fn, lr=lr)
+        self.keep_all_bytes = self._measure(keep_all)
+        if prefix_factory is not None:
+            alone = measure_plan_peak(model_factory, keep_all, self.inputs, example_targets,
+                                      loss_fn=loss_fn, lr=lr)
+            self.offset_bytes = max(0, self.keep_all_bytes - alone)
         self._entries[self._key(0)] = self._entry(0, self.keep_all_bytes, keep_all,
                                                   self.keep_all_bytes)
         self.analysis_seconds = time.perf_counter() - start
@@ -164,6 +185,12 @@ class PlanCache:
         return {"solver": self.solver, "options": self.options, "optimizer": self.optimizer,
                 "loss_fn": self.loss_fn, "verify": True, "compress": self.compress,
                 "min_bits": self.min_bits}
+
+    def _measure(self, plan: fedplan.Plan) -> int:
+        """What a client measures with ``plan`` (through the prefix when there is one)."""
+        prefix = self.prefix_factory() if self.prefix_factory is not None else None
+        return measure_plan_peak(self.model_factory, plan, self.raw_inputs, self.targets,
+                                 loss_fn=self.loss_fn, lr=self.lr, prefix=prefix)
 
     def _solve(self, budget_bytes: int, **overrides: Any) -> fedplan.Plan:
         self.solves += 1
@@ -239,11 +266,13 @@ class PlanCache:
 
     def _plan_bucket_with(self, bucket: int, edge: int, **overrides: Any
                           ) -> CachedPlan | Infeasible:
-        target = edge
+        target = edge - self.offset_bytes
+        if target <= 0:
+            return Infeasible(bucket, edge, None, f"the frozen prefix alone holds "
+                                                  f"{self.offset_bytes} B")
         for _ in range(3):
             plan = self._solve(target, **overrides)
-            measured = measure_plan_peak(self.model_factory, plan, self.inputs, self.targets,
-                                         loss_fn=self.loss_fn, lr=self.lr)
+            measured = self._measure(plan)
             if measured <= edge:
                 return self._entry(bucket, edge, plan, measured)
             target -= measured - edge + 4096

@@ -186,6 +186,16 @@ class RandomSelector(Selector):
         return _pick([c.client_id for c in candidates], k, rng)
 
 
+class FeasibleRandomSelector(Selector):
+    """Uniformly among clients some plan fits (what ProFL, NeuLite and HeteroFL's servers
+    do: they know each device's memory and pick at random among those that can train)."""
+
+    name = "random-feasible"
+
+    def select(self, round_index, candidates, k, rng):
+        return _pick([c.client_id for c in candidates if c.feasible], k, rng)
+
+
 class ExcludeSelector(Selector):
     name = "exclude"
 

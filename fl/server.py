@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,25 +44,27 @@ from fedplan.planner.plan import write_atomic
 
 from . import data as fldata
 from . import devices as fldevices
-from .client import local_steps, train_client
-from .clock import client_seconds, round_seconds
+from .client import local_steps
 from .messages import (
     ClientReply,
     MessageError,
     TrainInstruction,
     from_bytes,
-    state_from_arrays,
-    state_to_arrays,
     to_bytes,
     validate_reply,
 )
-from .plan_cache import CachedPlan, PlanCache
-from .selectors import SELECTORS, Candidate, Selector, make_selector
+from .models import default_model
+from .plan_cache import PlanCache
+from .policy import ClientInfo, Outcome, RoundPolicy, derive_seed, evaluate, fedavg
+from .policy import make_candidate as _make_candidate
+from .selectors import SELECTORS, Candidate, Selector
+from .strategies import make_policy, run_instruction, strategy_names
 
 __all__ = ["DEFAULT_MODEL", "Federation", "Server", "SimConfig", "build_federation",
-           "fedavg", "run_simulation"]
+           "derive_seed", "evaluate", "fedavg", "run_simulation"]
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "examples" / "mnist_cnn.py")
+DEFAULT_MODEL = default_model("mnist5k")
+"""The packaged model of the default dataset (each dataset's: :mod:`.models`)."""
 STATE_FILE = "state.npz"
 PARTITIONS = ("dirichlet", "iid", "shards", "correlated")
 MIN_SAMPLES = 10
@@ -73,15 +75,23 @@ MIN_SAMPLES = 10
 class SimConfig:
     """Everything that defines a simulated federation; two equal configs give equal runs."""
 
-    model: str = DEFAULT_MODEL
-    """A model file (README's contract) taking (B, 1, H, W) images."""
+    model: str = ""
+    """A model file (README's contract) for the dataset's inputs; empty: the dataset's
+    packaged default (:mod:`.models`), or a dataset file's ``DEFAULT_MODEL``."""
     dataset: str = "mnist5k"
-    """``mnist5k``, ``fashion-mnist`` or ``digits`` (:mod:`.data`)."""
+    """``mnist5k``, ``fashion-mnist``, ``digits``, ``shakespeare`` (:mod:`.data`) or a
+    dataset file ``path/to/data.py`` (README's contract: ``load_clients``)."""
     num_clients: int = 100
     rounds: int = 30
     clients_per_round: int = 10
     selector: str = "fedhybrid"
     """``exclude``, ``random``, ``oort`` or ``fedhybrid`` (:mod:`.selectors`)."""
+    strategy: str = ""
+    """A round policy by name (:mod:`.strategies`): a selector's name, or ``profl``,
+    ``neulite``, ``smartsplit``, ``heterofl``. Empty: the selection policy of
+    ``selector``."""
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the strategy (see its class)."""
     partition: str = "dirichlet"
     """``dirichlet`` (label skew, ``alpha``), ``iid``, ``shards`` (``shards_per_client``
     classes' shards each) or ``correlated`` (memory-poor clients, those whose budget is
@@ -108,6 +118,11 @@ class SimConfig:
     seed: int = 0
     deadline_seconds: float | None = None
     """Simulated seconds a client may take per round; slower clients are dropped."""
+    max_client_samples: int | None = None
+    """Keep at most this many samples of each client's partition (its first ones, in the
+    partition's seeded order); None keeps all. For quick runs on the 60k Fashion-MNIST."""
+    plan_time_limit: float = 20.0
+    """Seconds each plan solve may take (the plan cache's solver time limit)."""
     bucket_fraction: float = 0.025
     threads: int = 1
     """torch threads while the simulation runs (restored afterwards)."""
@@ -125,6 +140,9 @@ class SimConfig:
                 f"{self.num_clients}")
         if self.selector not in SELECTORS:
             bad(f"unknown selector {self.selector!r}; valid names: {', '.join(SELECTORS)}")
+        if self.strategy and self.strategy not in strategy_names():
+            bad(f"unknown strategy {self.strategy!r}; valid names: "
+                f"{', '.join(strategy_names())}")
         if self.partition not in PARTITIONS:
             bad(f"unknown partition {self.partition!r}; valid: {', '.join(PARTITIONS)}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -133,6 +151,10 @@ class SimConfig:
             bad(f"expected a positive learning rate; found {self.lr}")
         if self.deadline_seconds is not None and not self.deadline_seconds > 0:
             bad(f"expected a positive deadline; found {self.deadline_seconds}")
+        if not (self.plan_time_limit > 0 and math.isfinite(self.plan_time_limit)):
+            bad(f"expected a positive plan_time_limit; found {self.plan_time_limit}")
+        if self.max_client_samples is not None and self.max_client_samples < 1:
+            bad(f"expected a positive max_client_samples; found {self.max_client_samples}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"expected a positive batch size; found {self.batch_size}")
 
@@ -216,18 +238,43 @@ def _partitions(config: SimConfig, labels: torch.Tensor, devices, keep_all: int,
                                        config.alpha, seed, config.leak, min_size=min_size)
 
 
+def solver_options(time_limit: float):
+    """The plan cache's solver options: one worker (CP-SAT workers race; the same seed
+    must give the same plans) and ``time_limit`` seconds per solve."""
+    import fedplan
+    return fedplan.SolverOptions(workers=1, time_limit_seconds=float(time_limit))
+
+
+def model_for(dataset: str) -> str:
+    """The model file a federation on ``dataset`` uses when none is given: a dataset
+    file's ``DEFAULT_MODEL`` (relative to the file), else the packaged default."""
+    if fldata.is_dataset_file(dataset):
+        import re
+        text = Path(dataset).read_text(encoding="utf-8") if Path(dataset).is_file() else ""
+        found = re.search(r"^DEFAULT_MODEL\s*=\s*[\"']([^\"']+)[\"']", text, re.M)
+        if not found:
+            raise BadInputError(f"{dataset}: a dataset file needs --model, or a line "
+                                "DEFAULT_MODEL = 'model.py' naming its model file")
+        return str((Path(dataset).parent / found.group(1)).resolve())
+    try:
+        return default_model(fldata._canonical(dataset))
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from exc
+
+
 def build_federation(config: SimConfig, progress: Callable[[str], None] | None = None
                      ) -> Federation:
     """Load model and data, plan once per budget bucket, draw devices and partitions."""
     say = progress or (lambda _m: None)
     start = time.perf_counter()
-    spec = load_model_file(config.model)
-    batch_size = config.batch_size or spec.default_batch_size
     try:
-        dataset = fldata.load_dataset(config.dataset)
+        dataset, natural = fldata.load_federated(config.dataset, config.num_clients,
+                                                 config.seed)
         tiers_arg = fldevices.parse_tiers_arg(config.tiers)
     except ValueError as exc:
         raise BadInputError(str(exc)) from exc
+    spec = load_model_file(config.model or model_for(config.dataset))
+    batch_size = config.batch_size or spec.default_batch_size
     (inputs, *rest), targets = spec.batch(batch_size)
     if rest or tuple(inputs.shape[1:]) != dataset.input_shape:
         raise BadInputError(
@@ -237,7 +284,8 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
     say(f"tracing and measuring {spec.name} (batch {batch_size})")
     with torch_threads(config.threads):
         cache = PlanCache(spec.build, inputs, targets, lr=config.lr, loss_fn=spec.loss_fn,
-                          bucket_fraction=config.bucket_fraction, progress=say)
+                          bucket_fraction=config.bucket_fraction, progress=say,
+                          options=solver_options(config.plan_time_limit))
         keep_all = cache.keep_all_bytes
         try:
             if tiers_arg.fractions is not None:
@@ -251,75 +299,40 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
                 # quota: exact tier counts (largest remainder), in seeded random order
                 devices = fldevices.sample_devices(config.num_clients, tiers, config.seed,
                                                    method="quota")
-            partitions = _partitions(config, dataset.train_y, devices, keep_all, MIN_SAMPLES)
+            partitions = natural if natural is not None else _partitions(
+                config, dataset.train_y, devices, keep_all, MIN_SAMPLES)
+            if config.max_client_samples is not None:
+                partitions = [p[:config.max_client_samples] for p in partitions]
         except ValueError as exc:
             raise BadInputError(str(exc)) from exc
-        candidates = []
-        for cid, (device, part) in enumerate(zip(devices, partitions)):
-            entry = cache.lookup(device.budget_bytes)
-            steps = local_steps(len(part), batch_size, config.epochs)
-            feasible = isinstance(entry, CachedPlan)
-            step = (entry.step_seconds / device.speed) if feasible else math.inf
-            candidates.append(Candidate(
-                client_id=cid, budget_bytes=device.budget_bytes, speed=device.speed,
-                num_samples=len(part), feasible=feasible,
-                fits_keep_all=device.budget_bytes >= keep_all, step_seconds=step,
-                round_seconds=steps * step if feasible else math.inf,
-                keep_all_step_seconds=cache.base_step_seconds / device.speed))
+        candidates = [
+            _make_candidate(ClientInfo(client_id=cid, budget_bytes=device.budget_bytes,
+                                       speed=device.speed, num_samples=len(part)),
+                            cache.lookup(device.budget_bytes),
+                            steps=local_steps(len(part), batch_size, config.epochs),
+                            keep_all_bytes=keep_all,
+                            keep_all_step_seconds=cache.base_step_seconds)
+            for cid, (device, part) in enumerate(zip(devices, partitions))]
     return Federation(config=config, spec=spec, dataset=dataset, devices=devices,
                       partitions=partitions, cache=cache, candidates=candidates,
                       batch_size=batch_size, setup_seconds=time.perf_counter() - start)
 
 
-# --------------------------------------------------------------------------- aggregation
-
-
-def fedavg(replies: Sequence[ClientReply], reference: dict[str, np.ndarray]
-           ) -> dict[str, np.ndarray]:
-    """Sample-weighted mean of the replies' floating tensors (float64 accumulation);
-    integer tensors (e.g. BatchNorm's ``num_batches_tracked``) take the largest value."""
-    if not replies:
-        return dict(reference)
-    total = float(sum(r.num_samples for r in replies))
-    out = {}
-    for name, ref in reference.items():
-        if np.issubdtype(ref.dtype, np.floating):
-            acc = np.zeros(ref.shape, dtype=np.float64)
-            for r in replies:
-                acc += (r.num_samples / total) * r.weights[name].astype(np.float64)
-            out[name] = acc.astype(ref.dtype)
-        else:
-            out[name] = np.max(np.stack([r.weights[name] for r in replies]), axis=0)
-    return out
-
-
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-             batch: int = 100) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on ``x, y`` in eval mode, in batches of 100 (on this
-    machine 6x faster for the mbconv model than batches of 1000: they fall out of cache)."""
-    model.eval()
-    correct, loss = 0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            out = model(x[i:i + batch])
-            correct += int((out.argmax(1) == y[i:i + batch]).sum())
-            loss += float(torch.nn.functional.cross_entropy(out, y[i:i + batch],
-                                                            reduction="sum"))
-    model.train()
-    return correct / len(y), loss / len(y)
-
-
 def _derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    return derive_seed(*parts)
 
 
 # --------------------------------------------------------------------------- the server
 
 ClientFn = Callable[[TrainInstruction], ClientReply]
+_ROUND_KEYS = {"selected", "participants", "skipped", "rejected", "stragglers", "violations",
+               "no_reply", "round_seconds", "train_loss", "max_peak_over_budget",
+               "bytes_sent", "clients"}
 
 
 class Server:
-    """Runs rounds over a :class:`Federation`; see the module doc for one round."""
+    """The embedded driver of a :class:`~.policy.RoundPolicy` over a :class:`Federation`
+    (see the module doc for one round)."""
 
     def __init__(self, federation: Federation, *, out_dir: str | os.PathLike | None = None,
                  client_fn: ClientFn | None = None):
@@ -327,25 +340,28 @@ class Server:
         self.config = federation.config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.client_fn = client_fn or self.local_client
-        self.selector: Selector = make_selector(
-            self.config.selector, keep_all_bytes=federation.cache.keep_all_bytes,
-            **self.config.selector_options)
-        self.model = federation.spec.build()
-        self.weights = state_to_arrays(self.model.state_dict())
+        self.events: list[dict[str, Any]] = []  # skipped / rejected clients, with reasons
         self.round = 0                      # rounds completed
+        self.policy: RoundPolicy = make_policy(federation, log=self._log_event)
+        self.selector: Selector = self.policy.selector
+        self.weights = self.policy.initial_weights()
         self.clock = 0.0                    # simulated seconds
         self.history: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []  # skipped / rejected clients, with reasons
+        self.clients = [ClientInfo(client_id=cid, budget_bytes=d.budget_bytes, speed=d.speed,
+                                   num_samples=len(part))
+                        for cid, (d, part) in enumerate(zip(federation.devices,
+                                                            federation.partitions))]
 
     # ---- the default client: in-process training on the client's partition -------------
     def local_client(self, instruction: TrainInstruction) -> ClientReply:
         x, y = self.fed.client_data(instruction.client_id)
-        return train_client(instruction, x, y, model_factory=self.fed.spec.build,
-                            loss_fn=self.fed.spec.loss_fn)
+        return run_instruction(instruction, x, y, self.fed.spec)
 
-    def _log(self, round_index: int, client_id: int, kind: str, reason: str) -> None:
-        self.events.append({"round": round_index, "client_id": client_id, "kind": kind,
-                            "reason": reason})
+    def _log_event(self, kind: str, fields_: dict[str, Any]) -> None:
+        if kind == "ignored":
+            return
+        self.events.append({"round": fields_["round"], "client_id": fields_["client_id"],
+                            "kind": kind, "reason": fields_["reason"]})
 
     def _call_client(self, instruction: TrainInstruction) -> ClientReply:
         """Send through the wire format and back, as a network would."""
@@ -356,71 +372,37 @@ class Server:
         return ClientReply.from_message(*from_bytes(to_bytes(*reply.to_message())))
 
     def run_round(self) -> dict[str, Any]:
-        cfg, fed = self.config, self.fed
         r = self.round
-        rng = np.random.default_rng([cfg.seed, r, 7])
-        chosen = self.selector.select(r, fed.candidates, cfg.clients_per_round, rng)
-        accepted: list[ClientReply] = []
-        times: list[float] = []
-        counts = {"skipped": 0, "rejected": 0, "stragglers": 0, "violations": 0}
-        peaks = []
-        for cid in chosen:
-            device = fed.devices[cid]
-            entry = fed.cache.lookup(device.budget_bytes)
-            if not isinstance(entry, CachedPlan):
-                reason = f"no plan fits its budget of {device.budget_bytes} B"
-
-                self._log(r, cid, "skipped", reason)
-                self.selector.observe_failure(r, cid, reason)
-                counts["skipped"] += 1
-                continue
-            instruction = TrainInstruction(
-                round=r, client_id=cid, plan=entry.plan_json, weights=self.weights,
-                epochs=cfg.epochs, batch_size=fed.batch_size, lr=cfg.lr,
-                seed=_derive_seed(cfg.seed, r, cid), budget_bytes=device.budget_bytes)
+        outcomes = []
+        for assignment in self.policy.configure(r, self.clients, self.weights):
             try:
-                reply = self._call_client(instruction)
-                validate_reply(reply, self.weights, round_index=r, client_id=cid)
+                reply = self._call_client(assignment.instruction)
             except Exception as exc:  # a client's failure must not end the round
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                self._log(r, cid, "rejected", f"{type(exc).__name__}: {first}")
-                self.selector.observe_failure(r, cid, "rejected")
-                counts["rejected"] += 1
+                outcomes.append(Outcome(assignment.client_id,
+                                        error=f"{type(exc).__name__}: {first}"))
                 continue
-            seconds = client_seconds(reply.steps, entry.step_seconds, device.speed)
-            times.append(seconds)
-            if cfg.deadline_seconds is not None and seconds > cfg.deadline_seconds:
-                self._log(r, cid, "straggler", f"{seconds:.3f} simulated s exceeds the "
-                          f"deadline {cfg.deadline_seconds} s")
-                self.selector.observe_failure(r, cid, "straggler")
-                counts["stragglers"] += 1
-                continue
-            peaks.append(reply.measured_peak_bytes / device.budget_bytes)
-            if reply.measured_peak_bytes > device.budget_bytes:
-                self._log(r, cid, "budget_violation", f"measured {reply.measured_peak_bytes} "
-                          f"B above its budget {device.budget_bytes} B")
-                self.selector.observe_failure(r, cid, "budget violation")
-                counts["violations"] += 1
-                continue
-            accepted.append(reply)
-            self.selector.observe(r, cid, num_samples=reply.num_samples,
-                                  loss_sq_sum=reply.loss_sq_sum, loss_count=reply.loss_count)
-        self.weights = fedavg(accepted, self.weights)
-        self.model.load_state_dict(state_from_arrays(self.weights))
-        duration = round_seconds(times, cfg.deadline_seconds)
-        self.clock += duration
-        accuracy, test_loss = evaluate(self.model, fed.dataset.test_x, fed.dataset.test_y)
-        below = [cid for cid in (r_.client_id for r_ in accepted)
-                 if not fed.candidates[cid].fits_keep_all]
-        train_loss = (sum(x.loss_sum for x in accepted) / sum(x.loss_count for x in accepted)
-                      if accepted else math.nan)
+            outcomes.append(Outcome(assignment.client_id, reply=reply))
+        result = self.policy.aggregate(r, outcomes)
+        self.weights = result.weights
+        m = result.metrics
+        self.clock += m["round_seconds"]
+        accuracy, test_loss = self.policy.evaluate(self.weights, self.fed.dataset.test_x,
+                                                   self.fed.dataset.test_y)
+        below = [cid for cid in m["clients"] if not self.fed.candidates[cid].fits_keep_all]
         metrics = {
-            "round": r + 1, "simulated_seconds": self.clock, "round_seconds": duration,
-            "accuracy": accuracy, "test_loss": test_loss, "train_loss": train_loss,
-            "selected": len(chosen), "participants": len(accepted),
-            "below_keep_all": len(below), **counts,
-            "max_peak_over_budget": max(peaks, default=math.nan),
-            "clients": [x.client_id for x in accepted],
+            "round": r + 1, "simulated_seconds": self.clock,
+            "round_seconds": m["round_seconds"], "accuracy": accuracy,
+            "test_loss": test_loss, "train_loss": m["train_loss"],
+            "selected": m["selected"], "participants": m["participants"],
+            "below_keep_all": len(below),
+            **{k: m[k] for k in ("skipped", "rejected", "stragglers", "violations")},
+            "max_peak_over_budget": m["max_peak_over_budget"],
+            "bytes_sent": m["bytes_sent"],
+            **{k: v for k, v in m.items() if k not in _ROUND_KEYS},
+            "clients": m["clients"],
+            "peaks": [[x["client_id"], x["measured_peak_bytes"], x["budget_bytes"]]
+                      for x in result.records if "measured_peak_bytes" in x],
         }
         self.history.append(metrics)
         self.round += 1
@@ -453,7 +435,14 @@ class Server:
             "participations": sum(m["participants"] for m in h),
             "participations_below_keep_all": sum(m["below_keep_all"] for m in h),
             "unique_participants": len(participated),
+            "clients_trained": len(participated),
+            "clients_trained_share": len(participated) / len(self.clients),
+            "bytes_sent": sum(m.get("bytes_sent", 0) for m in h),
+            "max_peak_over_budget": max((m["max_peak_over_budget"] for m in h
+                                         if math.isfinite(m["max_peak_over_budget"])),
+                                        default=math.nan),
             "selector": self.config.selector,
+            "strategy": self.policy.name,
             "federation": self.fed.summary(),
             "config": self.config.to_json(),
             "history": h,
@@ -465,7 +454,7 @@ class Server:
         """Weights as named arrays plus a JSON document, in one ``.npz``, atomically."""
         meta = {"version": 1, "round": self.round, "clock": self.clock,
                 "config": self.config.to_json(), "history": self.history,
-                "events": self.events, "selector": self.selector.state_dict()}
+                "events": self.events, "policy": self.policy.state_dict()}
         arrays = {f"w/{k}": v for k, v in self.weights.items()}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,10 +489,9 @@ class Server:
                                    measured_peak_bytes=0, budget_bytes=0, train_seconds=0.0),
                        self.weights)
         self.weights = {k: weights[k] for k in self.weights}
-        self.model.load_state_dict(state_from_arrays(self.weights))
         self.round, self.clock = int(meta["round"]), float(meta["clock"])
         self.history, self.events = list(meta["history"]), list(meta["events"])
-        self.selector.load_state_dict(meta["selector"])
+        self.policy.load_state_dict(meta["policy"])
 
 
 def run_simulation(config: SimConfig, *, out_dir: str | os.PathLike | None = None,

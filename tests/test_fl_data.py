@@ -63,7 +63,7 @@ def test_unknown_dataset_lists_valid_names():
 
 def test_available_datasets_is_subset_of_names():
     assert set(data.available_datasets()) <= set(data.dataset_names())
-    assert data.dataset_names() == ["digits", "fashion-mnist", "mnist5k"]
+    assert data.dataset_names() == ["digits", "fashion-mnist", "mnist5k", "shakespeare"]
 
 
 def test_missing_package_errors_name_the_install_command(monkeypatch, tmp_path):

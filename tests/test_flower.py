@@ -462,6 +462,7 @@ def test_strategy_sends_one_message_per_node_and_validates_replies(embedded, mon
     from fedplan.fl.flower.records import arrays_to_record
     from fedplan.fl.flower.strategy import FedPlanStrategy
     from fedplan.fl.messages import state_to_arrays
+    from fedplan.fl.policy import PolicyConfig, RoundPolicy
     from fedplan.fl.selectors import make_selector
 
     spec, cache = embedded["fed"].spec, embedded["fed"].cache
@@ -476,9 +477,12 @@ def test_strategy_sends_one_message_per_node_and_validates_replies(embedded, mon
         registry.register(99, NodeSpec(partition_id=0, num_partitions=5, budget_bytes=10**9),
                           num_samples=40)
     config = FlowerRunConfig(clients_per_round=5, selector="random", round_timeout=5.0)
-    strategy = FedPlanStrategy(config=config, registry=registry, batch_size=8,
-                               selector=make_selector("random",
-                                                      keep_all_bytes=cache.keep_all_bytes),
+    policy = RoundPolicy(config=PolicyConfig(clients_per_round=5, epochs=1, batch_size=8,
+                                             lr=0.05, seed=0),
+                         cache=cache, model_factory=spec.build,
+                         selector=make_selector("random", keep_all_bytes=cache.keep_all_bytes),
+                         log=lambda kind, fields: events.append((kind, fields)))
+    strategy = FedPlanStrategy(config=config, registry=registry, policy=policy,
                                log=lambda kind, fields: events.append((kind, fields)))
     weights = state_to_arrays(spec.build().state_dict())
     messages = list(strategy.configure_train(1, arrays_to_record(weights), ConfigRecord(),

@@ -5,8 +5,9 @@
   server cannot read a node's ``node_config``.
 * ``train``: checks that the plan hashes to the digest the server sent, applies the plan
   (``fedplan.apply`` checks the model's fingerprint), trains on the node's partition with
-  the embedded layer's :func:`~fedplan.fl.client.train_client` (so the measured peak is
-  the same profiled quantity), and replies with the weights, ``num-examples``, the
+  the embedded layer's :func:`~fedplan.fl.strategies.run_instruction` (the whole model,
+  or the part the instruction's task names; the measured peak is the same profiled
+  quantity), and replies with the weights, ``num-examples``, the
   training-loss statistics, the measured peak and the plan digest.
 
 The node's partition is recomputed on the node from the run config (dataset, partition
@@ -29,9 +30,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedplan.fl import data as fldata
-from fedplan.fl.client import train_client
 from fedplan.fl.messages import ClientReply
 from fedplan.fl.server import MIN_SAMPLES
+from fedplan.fl.strategies import run_instruction
 from fedplan.modelfile import load_model_file
 
 from .config import FlowerRunConfig, NodeSpec
@@ -57,8 +58,9 @@ def node_partition(config: FlowerRunConfig, node: NodeSpec, labels: torch.Tensor
 
 
 def _node_data(config: FlowerRunConfig, node: NodeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = fldata.load_dataset(config.dataset)
-    idx = node_partition(config, node, dataset.train_y)
+    dataset, natural = fldata.load_federated(config.dataset, node.num_partitions, config.seed)
+    idx = natural[node.partition_id] if natural is not None else \
+        node_partition(config, node, dataset.train_y)
     return dataset.train_x[idx], dataset.train_y[idx]
 
 
@@ -90,8 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(config.threads)
     spec = load_model_file(config.model_path)
     train_x, train_y = _node_data(config, node)
-    reply = train_client(instruction, train_x, train_y, model_factory=spec.build,
-                         loss_fn=spec.loss_fn)
+    reply = run_instruction(instruction, train_x, train_y, spec)
     reply = _faulty(reply, node.fault)
     if node.fault == "bad-digest":
         digest = "0" * len(digest)

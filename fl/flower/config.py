@@ -39,8 +39,8 @@ class FlowerRunConfig:
 
     model: str = ""
     """Model file (README's contract) taking (B, 1, H, W) images; the same path must exist
-    on the server and on every SuperNode. Empty: the embedded simulation's default
-    (``examples/mnist_cnn.py``, 28x28 images; use a model for 8x8 images with ``digits``)."""
+    on the server and on every SuperNode. Empty: the dataset's packaged default model
+    (:mod:`fedplan.fl.models`)."""
     dataset: str = "mnist5k"
     """``mnist5k``, ``fashion-mnist`` or ``digits`` (:mod:`fedplan.fl.data`); every node
     reads its own partition of it, the server its test split."""
@@ -54,6 +54,9 @@ class FlowerRunConfig:
     """Nodes selected per round (at most the nodes known)."""
     selector: str = "fedhybrid"
     """``exclude``, ``random``, ``oort`` or ``fedhybrid`` (:mod:`fedplan.fl.selectors`)."""
+    strategy: str = ""
+    """A round policy by name (:mod:`fedplan.fl.strategies`: a selector's name, or
+    ``profl``, ``neulite``, ``smartsplit``, ``heterofl``); empty: ``selector``'s."""
     epochs: int = 1
     batch_size: int = 0
     """0: the model file's ``DEFAULT_BATCH_SIZE``."""
@@ -71,13 +74,16 @@ class FlowerRunConfig:
     gets a new node id and is queried again; its ``client-key`` keeps its history)."""
     threads: int = 1
     """torch threads in the server app and in every client app."""
+    test_clients: int = 10
+    """Naturally split datasets (``shakespeare``): the federation size whose held-out
+    windows make the server's test set (set it to the nodes' ``num-partitions``)."""
     out_dir: str = ""
     """Folder for ``summary.json`` (rewritten after every phase) and the global weights
     after each round (``weights-round-R.npz``); empty: write nothing."""
 
     def __post_init__(self):
         for name in ("num_server_rounds", "clients_per_round", "epochs", "min_nodes",
-                     "threads", "shards_per_client"):
+                     "threads", "shards_per_client", "test_clients"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise _bad(_key(name), "a positive integer", value)
@@ -93,6 +99,10 @@ class FlowerRunConfig:
                 raise _bad(_key(name), "a positive number", value)
         if not 0 < self.bucket_fraction < 1:
             raise _bad("bucket-fraction", "a number in (0, 1)", self.bucket_fraction)
+        if self.strategy:
+            from fedplan.fl.strategies import strategy_names
+            if self.strategy not in strategy_names():
+                raise _bad("strategy", f"one of {', '.join(strategy_names())}", self.strategy)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerRunConfig:
@@ -116,9 +126,9 @@ class FlowerRunConfig:
 
     @property
     def model_path(self) -> str:
-        from fedplan.fl.server import DEFAULT_MODEL  # the embedded layer's default
+        from fedplan.fl.server import model_for  # the embedded layer's default
 
-        return self.model or DEFAULT_MODEL
+        return self.model or model_for(self.dataset)
 
 
 def _key(name: str) -> str:

@@ -17,7 +17,6 @@ refused with a log line.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -28,6 +27,7 @@ from flwr.serverapp import Grid
 from fedplan.errors import BadInputError
 from fedplan.fl.client import local_steps
 from fedplan.fl.plan_cache import CachedPlan, Infeasible, PlanCache
+from fedplan.fl.policy import ClientInfo, make_candidate
 from fedplan.fl.selectors import Candidate
 
 from .config import NodeSpec
@@ -145,18 +145,13 @@ class NodeRegistry:
                                 f"{held.node_id} ({held.spec.key}); node refused")
         budget = spec.budget_for(self.cache.keep_all_bytes)
         entry = self.cache.lookup(budget)
-        feasible = isinstance(entry, CachedPlan)
         # the same candidate fields build_federation gives an embedded client
-        step = entry.step_seconds / spec.speed if feasible else math.inf
-        steps = local_steps(num_samples, self.batch_size, self.epochs)
-        optional = {}
-        if "keep_all_step_seconds" in _CANDIDATE_FIELDS:  # newer embedded layers
-            optional["keep_all_step_seconds"] = self.cache.base_step_seconds / spec.speed
-        candidate = Candidate(
-            client_id=spec.partition_id, budget_bytes=budget, speed=spec.speed,
-            num_samples=num_samples, feasible=feasible,
-            fits_keep_all=budget >= self.cache.keep_all_bytes, step_seconds=step,
-            round_seconds=steps * step if feasible else math.inf, **optional)
+        candidate = make_candidate(
+            ClientInfo(client_id=spec.partition_id, budget_bytes=budget, speed=spec.speed,
+                       num_samples=num_samples), entry,
+            steps=local_steps(num_samples, self.batch_size, self.epochs),
+            keep_all_bytes=self.cache.keep_all_bytes,
+            keep_all_step_seconds=self.cache.base_step_seconds)
         node = KnownNode(node_id=node_id, spec=spec, budget_bytes=budget, entry=entry,
                          candidate=candidate)
         self.nodes[spec.partition_id] = node
@@ -165,6 +160,12 @@ class NodeRegistry:
 
     def candidates(self) -> list[Candidate]:
         return [n.candidate for n in self.online()]
+
+    def client_infos(self) -> list[ClientInfo]:
+        """The online nodes as the round policy sees clients."""
+        return [ClientInfo(client_id=n.client_id, budget_bytes=n.budget_bytes,
+                           speed=n.spec.speed, num_samples=n.candidate.num_samples)
+                for n in self.online()]
 
     def summaries(self) -> list[dict[str, Any]]:
         return [n.summary() for _, n in sorted(self.nodes.items())]

@@ -4,8 +4,9 @@ A train message (server to node) is a fresh ``RecordDict`` per node:
 
 * ``"arrays"``: ``ArrayRecord``, the global weights (named numpy arrays);
 * ``"config"``: ``ConfigRecord``, the :class:`~fedplan.fl.messages.TrainInstruction`'s
-  fields, the node's plan as a JSON string under ``"plan"`` and its digest under
-  ``"plan-digest"``.
+  fields, the node's plan as a JSON string under ``"plan"``, its digest under
+  ``"plan-digest"`` and its task (what part of the model to train) as JSON under
+  ``"task"``.
 
 A train reply (node to server):
 
@@ -21,25 +22,17 @@ Everything is plain data (JSON text, numbers, raw arrays); nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedplan.fl.messages import ClientReply, MessageError, TrainInstruction
+from fedplan.fl.policy import plan_digest
 
 __all__ = ["arrays_from_record", "arrays_to_record", "instruction_from_content",
            "instruction_to_content", "plan_digest", "reply_from_content", "reply_to_content"]
-
-
-def plan_digest(plan_json: Mapping[str, Any]) -> str:
-    """A short, stable digest of a plan's JSON (sorted keys): what a node echoes back so
-    the server knows which plan the update was trained under."""
-    text = json.dumps(plan_json, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -54,8 +47,9 @@ def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def instruction_to_content(instruction: TrainInstruction, digest: str) -> RecordDict:
     """One node's train message content (new records: nothing is shared between nodes)."""
     meta, arrays = instruction.to_message()
-    config = {k: v for k, v in meta.items() if k != "plan"}
+    config = {k: v for k, v in meta.items() if k not in ("plan", "task")}
     config["plan"] = json.dumps(meta["plan"])
+    config["task"] = json.dumps(meta["task"])
     config["plan-digest"] = digest
     return RecordDict({"arrays": arrays_to_record(arrays), "config": ConfigRecord(config)})
 
@@ -69,6 +63,7 @@ def instruction_from_content(content: RecordDict) -> tuple[TrainInstruction, str
         meta = dict(config)
         sent_digest = str(meta.pop("plan-digest"))
         meta["plan"] = json.loads(meta["plan"])
+        meta["task"] = json.loads(meta.get("task", "{}"))
     except (KeyError, TypeError, ValueError) as exc:
         raise MessageError(f"train message: missing or malformed record {exc}") from exc
     found = plan_digest(meta["plan"])

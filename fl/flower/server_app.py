@@ -36,10 +36,9 @@ from flwr.supercore import log as flwr_log
 
 from fedplan.errors import BadInputError
 from fedplan.fl import data as fldata
-from fedplan.fl.messages import state_from_arrays, state_to_arrays
 from fedplan.fl.plan_cache import PlanCache
-from fedplan.fl.selectors import make_selector
-from fedplan.fl.server import evaluate
+from fedplan.fl.policy import PolicyConfig
+from fedplan.fl.strategies import build_policy
 from fedplan.modelfile import load_model_file
 
 from .config import FlowerRunConfig
@@ -131,7 +130,7 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
     torch.set_num_threads(config.threads)
     spec = load_model_file(config.model_path)
     batch_size = config.batch_size or spec.default_batch_size
-    dataset = fldata.load_dataset(config.dataset)
+    dataset, _ = fldata.load_federated(config.dataset, config.test_clients, config.seed)
     (inputs, *rest), targets = spec.batch(batch_size)
     if rest or tuple(inputs.shape[1:]) != dataset.input_shape:
         raise BadInputError(f"{spec.path}: inputs of shape {tuple(inputs.shape[1:])} per "
@@ -147,17 +146,18 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
     registry.discover(grid, timeout=min(60.0, config.round_timeout), group="query-0")
     if not registry.online():
         raise BadInputError("no SuperNode answered the query round with a valid node config")
-    selector = make_selector(config.selector, keep_all_bytes=cache.keep_all_bytes)
-    strategy = FedPlanStrategy(config=config, registry=registry, selector=selector,
-                               batch_size=batch_size, log=recorder.log)
+    policy = build_policy(
+        config.strategy or config.selector, cache=cache, spec=spec, log=recorder.log,
+        config=PolicyConfig(clients_per_round=config.clients_per_round, epochs=config.epochs,
+                            batch_size=batch_size, lr=config.lr, seed=config.seed))
+    strategy = FedPlanStrategy(config=config, registry=registry, policy=policy,
+                               log=recorder.log)
     recorder.summary["rounds"] = strategy.history
-    model = spec.build()
-    initial = state_to_arrays(model.state_dict())
+    initial = policy.initial_weights()
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         weights = arrays_from_record(arrays)
-        model.load_state_dict(state_from_arrays(weights))
-        accuracy, test_loss = evaluate(model, dataset.test_x, dataset.test_y)
+        accuracy, test_loss = policy.evaluate(weights, dataset.test_x, dataset.test_y)
         recorder.save_weights(server_round, weights)
         if server_round == 0:
             recorder.summary["initial"] = {"accuracy": accuracy, "test_loss": test_loss}

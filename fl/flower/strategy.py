@@ -1,44 +1,38 @@
-"""FedPlanStrategy: Flower's strategy hooks around fedplan's round logic.
+"""FedPlanStrategy: a thin Flower strategy around fedplan's round policy.
 
-One round, as in the embedded server (:mod:`fedplan.fl.server`):
+The round itself (selection, each client's plan and task, the instruction, the reject
+ladder, the aggregation) is :class:`fedplan.fl.policy.RoundPolicy`, the same object the
+embedded loop drives. This class only translates:
 
 1. ``configure_train``: nodes that connected since the last round are queried
-   (:meth:`NodeRegistry.discover`); the selector picks up to ``clients-per-round`` of the
-   online nodes (randomness from ``(seed, round)``); each selected node gets the plan
-   cache's plan for its budget (a node no plan fits is skipped and logged) and **its own
-   message**: a new ``RecordDict`` with a new ``ArrayRecord`` of the global weights and a
-   ``ConfigRecord`` with its plan JSON, the plan's digest, its seed
-   ``(seed, round, client)`` and its budget. Nothing is shared between nodes' messages
-   (Flower's stock FedAvg shares one ``RecordDict`` per round).
-2. ``aggregate_train``: every reply is checked before it counts: an error reply, a
-   malformed one, one whose weights differ in names, shapes or dtypes from those sent or
-   hold NaN/Inf (:func:`~fedplan.fl.messages.validate_reply`), one whose plan digest is not
-   the one sent, or one whose measured peak is over the node's budget is **rejected with
-   a log line** and the round goes on; a selected node that did not reply within the
-   round timeout is dropped until it reconnects. FedAvg over the accepted replies,
-   weighted by ``num-examples`` (:func:`~fedplan.fl.server.fedavg`, replies in client-id
-   order, so the sum is the embedded simulation's).
+   (:meth:`NodeRegistry.discover`); the policy's ``configure`` is called with the online
+   nodes; every :class:`~fedplan.fl.policy.Assignment` becomes **its own message**: a new
+   ``RecordDict`` with a new ``ArrayRecord`` of the weights it names and a
+   ``ConfigRecord`` with its plan JSON, the plan's digest, its task, its seed and its
+   budget. Nothing is shared between nodes' messages (Flower's stock FedAvg shares one
+   ``RecordDict`` per round).
+2. ``aggregate_train``: every reply becomes an :class:`~fedplan.fl.policy.Outcome` (an
+   error reply: rejected with its reason; a reply the SuperLink wrote because the node is
+   gone: no reply; a malformed one: rejected), and the policy's ``aggregate`` judges and
+   combines them. A selected node that did not reply within the round timeout is dropped
+   until it reconnects.
 
-Evaluation is centralised (the server app's ``evaluate_fn`` on the held-out test split):
-``configure_evaluate`` sends nothing.
+Evaluation is centralised (the server app's ``evaluate_fn`` on the held-out test split,
+through the policy's evaluation model): ``configure_evaluate`` sends nothing.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedplan.fl.messages import ClientReply, MessageError, TrainInstruction, validate_reply
-from fedplan.fl.plan_cache import CachedPlan
-from fedplan.fl.selectors import Selector
-from fedplan.fl.server import fedavg
+from fedplan.fl.messages import MessageError
+from fedplan.fl.policy import Outcome, RoundPolicy, derive_seed
 
 from .config import FlowerRunConfig
 from .nodes import NodeRegistry
@@ -59,22 +53,15 @@ _GONE = {ErrorCode.NODE_UNAVAILABLE: "the SuperLink reports the node unavailable
          ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the node's reply expired"}
 
 
-def derive_seed(*parts: int) -> int:
-    """The per-(seed, round, client) seed the embedded server derives (same formula, so a
-    client trains identically under both)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 class FedPlanStrategy(Strategy):
-    """Per-node plans out, validated FedAvg in (see the module doc)."""
+    """Flower's hooks around a :class:`RoundPolicy` (see the module doc)."""
 
-    def __init__(self, *, config: FlowerRunConfig, registry: NodeRegistry, selector: Selector,
-                 batch_size: int, log: Callable[[str, dict[str, Any]], None]):
-        self.config, self.registry, self.selector = config, registry, selector
-        self.batch_size = batch_size
+    def __init__(self, *, config: FlowerRunConfig, registry: NodeRegistry,
+                 policy: RoundPolicy, log: Callable[[str, dict[str, Any]], None]):
+        self.config, self.registry, self.policy = config, registry, policy
         self.log = log
-        self.weights: dict[str, np.ndarray] = {}
-        self.sent: dict[int, dict[str, Any]] = {}  # node id -> what it was sent
+        self.sent: dict[int, int] = {}             # node id -> client id
+        self.digests: dict[int, str] = {}          # client id -> its plan's digest
         self.outbox: list[Message] = []            # this round's messages
         self.history: list[dict[str, Any]] = []    # one entry per round
 
@@ -82,39 +69,24 @@ class FedPlanStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         r = server_round - 1  # the embedded server counts rounds from 0
-        cfg = self.config
-        self.registry.discover(grid, timeout=min(60.0, cfg.round_timeout),
+        self.registry.discover(grid, timeout=min(60.0, self.config.round_timeout),
                                group=f"query-{server_round}")
-        self.weights = arrays_from_record(arrays)
-        rng = np.random.default_rng([cfg.seed, r, 7])
-        chosen = self.selector.select(r, self.registry.candidates(), cfg.clients_per_round,
-                                      rng)
-        self.sent = {}
-        round_log: dict[str, Any] = {"round": server_round, "selected": list(chosen),
+        weights = arrays_from_record(arrays)
+        assignments = self.policy.configure(r, self.registry.client_infos(), weights)
+        round_log: dict[str, Any] = {"round": server_round,
+                                     "selected": list(self.policy.chosen),
                                      "replies": [], "rejected": [], "skipped": [],
                                      "no_reply": []}
         self.history.append(round_log)
-        messages = []
-        for cid in chosen:
-            node = self.registry.nodes[cid]
-            if not isinstance(node.entry, CachedPlan):
-                reason = f"no plan fits its budget of {node.budget_bytes} B"
-                round_log["skipped"].append({"client_id": cid, "reason": reason})
-                self.log("skipped", {"round": server_round, "client_id": cid,
-                                     "reason": reason})
-                self.selector.observe_failure(r, cid, reason)
-                continue
-            instruction = TrainInstruction(
-                round=r, client_id=cid, plan=node.entry.plan_json, weights=self.weights,
-                epochs=cfg.epochs, batch_size=self.batch_size, lr=cfg.lr,
-                seed=derive_seed(cfg.seed, r, cid), budget_bytes=node.budget_bytes)
-            content = instruction_to_content(instruction, node.digest)
+        self.sent, messages = {}, []
+        self.digests = {a.client_id: a.digest for a in assignments}
+        for a in assignments:
+            node = self.registry.nodes[a.client_id]
+            content = instruction_to_content(a.instruction, a.digest)
             messages.append(Message(content, dst_node_id=node.node_id, message_type="train",
                                     group_id=str(server_round)))
-            self.sent[node.node_id] = {"client_id": cid, "digest": node.digest,
-                                       "budget_bytes": node.budget_bytes}
-        self.log("round_sent", {"round": server_round, "clients": sorted(
-            v["client_id"] for v in self.sent.values())})
+            self.sent[node.node_id] = a.client_id
+        self.log("round_sent", {"round": server_round, "clients": sorted(self.sent.values())})
         self.outbox = messages
         return messages
 
@@ -126,86 +98,66 @@ class FedPlanStrategy(Strategy):
                if m.metadata.message_id}
         return ids.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
-    def _reject(self, server_round: int, cid: int, node_id: int, reason: str) -> None:
-        self.history[-1]["rejected"].append({"client_id": cid, "node_id": node_id,
-                                             "reason": reason})
-        self.log("rejected", {"round": server_round, "client_id": cid, "node_id": node_id,
-                              "reason": reason})
-        self.selector.observe_failure(server_round - 1, cid, "rejected")
-
-    def _check(self, server_round: int, msg: Message, sent: dict[str, Any]) -> ClientReply:
-        """The reply, or MessageError saying why it is rejected."""
+    def _outcome(self, cid: int, msg: Message) -> Outcome:
         if msg.has_error():
-            raise MessageError(f"the node replied with error {msg.error.code}: "
-                               f"{(msg.error.reason or '').strip()[:300]}")
-        reply, digest = reply_from_content(msg.content)
-        validate_reply(reply, self.weights, round_index=server_round - 1,
-                       client_id=sent["client_id"])
-        if digest != sent["digest"]:
-            raise MessageError(f"plan digest {digest!r} echoed; sent {sent['digest']!r}; "
-                               "the update was not trained under the plan sent")
-        if reply.budget_bytes != sent["budget_bytes"] or \
-                reply.measured_peak_bytes > sent["budget_bytes"]:
-            raise MessageError(f"measured peak {reply.measured_peak_bytes} B against a budget "
-                               f"of {sent['budget_bytes']} B (reply says "
-                               f"{reply.budget_bytes} B); over budget")
-        return reply
+            if msg.error.code in _GONE:
+                return Outcome(cid, gone=_GONE[msg.error.code])
+            return Outcome(cid, error=f"the node replied with error {msg.error.code}: "
+                                      f"{(msg.error.reason or '').strip()[:300]}")
+        try:
+            reply, digest = reply_from_content(msg.content)
+        except MessageError as exc:
+            return Outcome(cid, error=str(exc).splitlines()[0])
+        return Outcome(cid, reply=reply, digest=digest)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = server_round - 1
-        replies = list(replies)
-        round_log = self.history[-1]
-        accepted: list[ClientReply] = []
-        answered = set()
+        outcomes: dict[int, Outcome] = {}
         for msg in replies:
             node_id = self._sender(msg)
-            sent = self.sent.get(node_id)
-            if sent is None or node_id in answered:
+            cid = self.sent.get(node_id)
+            if cid is None or cid in outcomes:
                 self.log("ignored", {"round": server_round, "node_id": node_id,
                                      "reason": "reply from a node this round did not ask"})
                 continue
-            cid = sent["client_id"]
-            if msg.has_error() and msg.error.code in _GONE:
-                continue  # counted below as no reply
-            answered.add(node_id)
-            try:
-                reply = self._check(server_round, msg, sent)
-            except MessageError as exc:
-                self._reject(server_round, cid, node_id, str(exc).splitlines()[0])
-                continue
-            accepted.append(reply)
-            round_log["replies"].append({
-                "client_id": cid, "node_id": node_id, "plan_digest": sent["digest"],
-                "measured_peak_bytes": reply.measured_peak_bytes,
-                "budget_bytes": reply.budget_bytes, "num_examples": reply.num_samples,
-                "train_loss": reply.mean_loss, "train_seconds": reply.train_seconds})
-            self.selector.observe(r, cid, num_samples=reply.num_samples,
-                                  loss_sq_sum=reply.loss_sq_sum, loss_count=reply.loss_count)
-        gone = {self._sender(m): _GONE[m.error.code] for m in replies
-                if m.has_error() and m.error.code in _GONE}
-        for node_id, sent in self.sent.items():
-            if node_id not in answered:
-                cid = sent["client_id"]
-                reason = gone.get(node_id, "no reply within the round timeout of "
-                                           f"{self.config.round_timeout} s")
-                round_log["no_reply"].append({"client_id": cid, "node_id": node_id,
-                                              "reason": reason})
-                self.log("no_reply", {"round": server_round, "client_id": cid,
-                                      "node_id": node_id, "reason": reason})
-                self.selector.observe_failure(r, cid, "no reply")
-                self.registry.drop(cid, reason + "; dropped until it reconnects")
-        accepted.sort(key=lambda x: x.client_id)
-        self.weights = fedavg(accepted, self.weights)
-        count = sum(x.loss_count for x in accepted)
-        train_loss = sum(x.loss_sum for x in accepted) / count if count else math.nan
-        round_log.update(participants=[x.client_id for x in accepted], train_loss=train_loss)
-        metrics = MetricRecord({"participants": len(accepted),
+            outcomes[cid] = self._outcome(cid, msg)
+        timeout = f"no reply within the round timeout of {self.config.round_timeout} s"
+        for cid in self.sent.values():
+            outcomes.setdefault(cid, Outcome(cid, gone=timeout))
+        result = self.policy.aggregate(r, list(outcomes.values()))
+        node_of = {cid: nid for nid, cid in self.sent.items()}
+        round_log = self.history[-1]
+        for rec in result.records:
+            cid, kind = rec["client_id"], rec["kind"]
+            entry = {"client_id": cid, "node_id": node_of.get(cid), "reason": rec["reason"]}
+            if kind == "trained":
+                reply = next(x for x in result.accepted if x.client_id == cid)
+                round_log["replies"].append({
+                    "client_id": cid, "node_id": node_of[cid],
+                    "plan_digest": self.digests.get(cid),
+                    "measured_peak_bytes": reply.measured_peak_bytes,
+                    "budget_bytes": reply.budget_bytes, "num_examples": reply.num_samples,
+                    "train_loss": reply.mean_loss, "train_seconds": reply.train_seconds,
+                    **{k: v for k, v in rec.items() if k not in entry and k != "kind"}})
+            elif kind == "skipped":
+                round_log["skipped"].append({"client_id": cid, "reason": rec["reason"]})
+            elif kind == "no_reply":
+                round_log["no_reply"].append(entry)
+                self.registry.drop(cid, rec["reason"] + "; dropped until it reconnects")
+            else:
+                round_log["rejected"].append({**entry, "kind": kind})
+        m = result.metrics
+        round_log.update(participants=m["clients"], train_loss=m["train_loss"],
+                         bytes_sent=m["bytes_sent"],
+                         simulated_round_seconds=m["round_seconds"],
+                         **self.policy.round_info(r))
+        metrics = MetricRecord({"participants": m["participants"],
                                 "rejected": len(round_log["rejected"]),
                                 "no-reply": len(round_log["no_reply"]),
-                                "num-examples": sum(x.num_samples for x in accepted),
-                                "train-loss": train_loss})
-        return arrays_to_record(self.weights), metrics
+                                "num-examples": sum(x.num_samples for x in result.accepted),
+                                "train-loss": m["train_loss"]})
+        return arrays_to_record(result.weights), metrics
 
     # ---- evaluate: centralised, in the server app --------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -217,7 +169,7 @@ class FedPlanStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        self.log("strategy", {"selector": self.config.selector,
+        self.log("strategy", {"strategy": self.policy.name,
                               "clients_per_round": self.config.clients_per_round,
                               "round_timeout": self.config.round_timeout,
                               "nodes": len(self.registry.online())})
