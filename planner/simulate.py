@@ -43,6 +43,7 @@ class Event:
     node: str
     bytes_after: int  # level after the event
     peak_inside: int  # highest level inside the event (transients included)
+    levels: tuple[int, ...] = ()  # bytes per CATEGORIES entry after the event
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class _Memory:
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[int, str]] = {}
+        self.by_category = dict.fromkeys(CATEGORIES, 0)
         self.level = 0
         self.peak = 0
         self.peak_at: tuple[str, str] = ("", "")
@@ -94,16 +96,24 @@ class _Memory:
         if key in self.live or nbytes <= 0:
             return
         self.live[key] = (nbytes, category)
+        self.by_category[category] += nbytes
         self.level += nbytes
 
     def free(self, key: str) -> None:
         item = self.live.pop(key, None)
         if item is not None:
             self.level -= item[0]
+            self.by_category[item[1]] -= item[0]
 
     def recategorise(self, key: str, category: str) -> None:
         if key in self.live:
-            self.live[key] = (self.live[key][0], category)
+            nbytes, old = self.live[key]
+            self.by_category[old] -= nbytes
+            self.by_category[category] += nbytes
+            self.live[key] = (nbytes, category)
+
+    def levels(self) -> tuple[int, ...]:
+        return tuple(self.by_category[category] for category in CATEGORIES)
 
     def observe(self, phase: str, node: str, transient: int = 0) -> int:
         level = self.level + max(transient, 0)
@@ -214,7 +224,7 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             for key in new:
                 if storage[key].kind == "internal" and not holders.get(key):
                     memory.free(key)
-        events.append(Event("forward", name, memory.level, inside))
+        events.append(Event("forward", name, memory.level, inside, memory.levels()))
 
     # ---- backward ------------------------------------------------------------------
     grads: dict[str, str] = {}          # node name -> buffer holding its output's grad
@@ -244,7 +254,8 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                     if key not in memory.live and f"unpacked:{index}:{key}" not in memory.live:
                         memory.alloc(key, storage[key].nbytes, "saved_activations")
             events.append(Event("recompute", name, memory.level,
-                                memory.observe("recompute", name, transient)))
+                                memory.observe("recompute", name, transient),
+                                memory.levels()))
         if not cost.requires_grad:
             continue
         # gradients flowing into this node's inputs
@@ -316,14 +327,14 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                 continue
             memory.free(key)
             memory.free(f"packed:{key}")
-        events.append(Event("backward", name, memory.level, inside))
+        events.append(Event("backward", name, memory.level, inside, memory.levels()))
 
     # ---- optimizer step ----------------------------------------------------------------
     for key in list(memory.live):
         if key.startswith("grad:"):
             memory.free(key)
     inside = memory.observe("optimizer", "step", costs.optimizer_step_temp_bytes)
-    events.append(Event("optimizer", "step", memory.level, inside))
+    events.append(Event("optimizer", "step", memory.level, inside, memory.levels()))
     return Timeline(peak_bytes=memory.peak, peak_phase=memory.peak_at[0],
                     peak_node=memory.peak_at[1], breakdown=memory.peak_breakdown,
                     events=tuple(events), fixed_bytes=sum(fixed.values()))
