@@ -60,6 +60,7 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
          leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
          compress: bool = True, min_bits: int | None = None,
          analysis: Analysis | None = None, repeats: int = 5, verify: bool = True,
+         decisions: str | Sequence[str] | None = None,
          progress: Callable[[str], None] | None = None) -> tuple[Plan, Analysis]:
     """Trace, measure and solve: the Plan for ``model`` under ``budget``, and the analysis.
 
@@ -73,6 +74,16 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
     measured gradient error for memory; ``compress=False`` gives plans whose gradients
     are bit-identical to the unplanned model's.
 
+    ``decisions`` (a list or a comma-separated string from ``recompute, compress,
+    microbatch, optimizer-in-backward, compress-optimizer-state``, or ``"all"``) plans the
+    whole step: the step-level decisions are chosen together with the activation plan
+    (``fedplan.stepplan``), and the plan then runs through ``planned.train_step(...)``.
+    ``"default"`` is recompute, microbatch (dropped for models with BatchNorm) and
+    optimizer-in-backward: nothing that changes the numbers a step computes. Without
+    ``decisions`` (None) the plan is per activation only (recompute, and compress when
+    ``compress``), and runs through the plain three-line loop. ``budget="min"`` plans for
+    the smallest peak the allowed decisions reach.
+
     With ``verify`` (the default) a plan that recomputes or compresses anything is
     checked by one real training step on a copy of the model; if that step's measured
     peak is over the budget, the plan is solved again with the measured excess as extra
@@ -84,6 +95,16 @@ def plan(model: nn.Module, example_inputs: Any, targets: Any = None, *, budget,
     options = replace(options or SolverOptions(), compress=compress)
     if min_bits is not None:
         options = replace(options, min_bits=min_bits)
+    if decisions is not None or budget.minimum:
+        from .stepplan import plan_step
+        if decisions == "default":
+            decisions = None
+        elif decisions is None:  # budget="min" without decisions: this plan space
+            decisions = ["recompute"] + (["compress"] if compress else [])
+        return plan_step(model, example_inputs, targets, budget=budget, loss_fn=loss_fn,
+                         optimizer=optimizer, solver=solver, options=options,
+                         decisions=decisions, analysis=analysis, repeats=repeats,
+                         verify=verify, progress=say)
     if analysis is None:
         analysis = analyze(model, example_inputs, targets, loss_fn=loss_fn,
                            optimizer=optimizer, leaf_modules=leaf_modules, repeats=repeats,
@@ -137,17 +158,21 @@ def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budge
             leaf_modules: Sequence[Any] = (), options: SolverOptions | None = None,
             compress: bool = True, min_bits: int | None = None,
             repeats: int = 5, verify: bool = True,
+            decisions: str | Sequence[str] | None = None,
             progress: Callable[[str], None] | None = None) -> PlannedModule:
     """Plan ``model`` for ``budget`` and return a module that runs the plan.
 
     The returned module shares parameters and buffers with ``model`` (an optimizer built
     on either trains both), has the plan as ``.plan``, and drops into a training loop
-    unchanged: ``loss_fn(planned(*inputs), targets).backward()``.
+    unchanged: ``loss_fn(planned(*inputs), targets).backward()``; a plan with step-level
+    decisions (``decisions=``) runs through ``planned.train_step(inputs, targets,
+    optimizer, loss_fn)``.
     """
     result, analysis = plan(model, example_inputs, targets, budget=budget, loss_fn=loss_fn,
                             optimizer=optimizer, solver=solver, leaf_modules=leaf_modules,
                             options=options, compress=compress, min_bits=min_bits,
-                            repeats=repeats, verify=verify, progress=progress)
+                            repeats=repeats, verify=verify, decisions=decisions,
+                            progress=progress)
     return PlannedModule(model, analysis.captured, result)
 
 
@@ -166,6 +191,12 @@ def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike,
         call = call_from_signature(dict(loaded.inputs))
     else:
         call = ModelCall.of(example_inputs)
+        chunks = loaded.step_choice.microbatches
+        if chunks > 1 and call.batch_size == loaded.batch_size:
+            # the plan runs micro-batches: the model is captured for one of them
+            from fedplan.runtime.step import split_batch
+            inputs = dict(call.kwargs) if call.kwargs else tuple(call.args)
+            call = ModelCall.of(split_batch(inputs, None, chunks)[0][0])
     captured = capture(model, call)
     loaded.check_matches(fingerprint=structure_fingerprint(captured.graph_module),
                          source="plan")

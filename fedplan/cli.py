@@ -61,15 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(compile_)
     budget = compile_.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget", metavar="SIZE",
-                        help="peak memory of one training step: 512MB, 0.5GiB, 1e9 or bytes")
+                        help="peak memory of one training step: 512MB, 0.5GiB, 1e9 or "
+                             "bytes, or min (the smallest peak the allowed decisions reach)")
     budget.add_argument("--budget-fraction", type=float, metavar="F",
                         help="fixed costs plus F times the keep-all activation memory "
                              "(1.0 = the keep-all peak)")
     compile_.add_argument("--solver", default="ilp", metavar="NAME",
                           help="ilp (default), greedy, none, all or sqrt")
+    compile_.add_argument("--decisions", default=None, metavar="LIST",
+                          help="what the plan may decide, comma-separated: recompute, "
+                               "compress, microbatch, optimizer-in-backward, "
+                               "compress-optimizer-state, or all. Default: recompute,"
+                               "microbatch,optimizer-in-backward, which change nothing a "
+                               "training run computes (recompute and the step inside "
+                               "backward are bit-identical, micro-batches equal up to "
+                               "summation order and are left out for models with "
+                               "BatchNorm); compress and compress-optimizer-state trade "
+                               "a measured error for memory")
     compile_.add_argument("--no-compress", dest="compress", action="store_false",
-                          help="recompute only: no compressed activations (gradients then "
-                               "match the unplanned model bit for bit)")
+                          help="take compress out of --decisions (gradients then match the "
+                               "unplanned model bit for bit)")
     compile_.add_argument("--min-bits", type=int, default=4, choices=(2, 3, 4, 8),
                           help="lowest code width the ilp may compress to; 3 is channel-wise "
                                "mixed (default: 4)")

@@ -123,12 +123,19 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
     from .api import plan as make_plan
     from .planner.budget import Budget
     from .planner.solvers import get_solver
+    from .planner.step import parse_decisions
     from .units import parse_size
 
     spec, batch_size = _load(args)
     get_solver(args.solver)  # an unknown name fails before any work, listing valid ones
-    budget = (Budget(bytes=parse_size(args.budget, what="budget")) if args.budget
-              else Budget(fraction=args.budget_fraction))
+    if args.budget is not None and args.budget.strip().lower() == "min":
+        budget = Budget(minimum=True)
+    else:
+        budget = (Budget(bytes=parse_size(args.budget, what="budget")) if args.budget
+                  else Budget(fraction=args.budget_fraction))
+    decisions = list(parse_decisions(args.decisions))
+    if not args.compress and "compress" in decisions:
+        decisions.remove("compress")
     options = _solver_options(args)
     output = Path(args.output) if args.output else spec.path.with_suffix(".plan.json")
     if not output.parent.exists():
@@ -141,7 +148,8 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
                                    loss_fn=spec.loss_fn, optimizer=args.optimizer,
                                    solver=args.solver, options=options,
                                    compress=args.compress, min_bits=args.min_bits,
-                                   repeats=args.repeats, progress=say)
+                                   repeats=args.repeats, decisions=decisions,
+                                   progress=say)
     plan = replace(plan, model_name=spec.name)
     plan.save(output)
     counts = plan.counts()
@@ -157,9 +165,11 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
         "solver": plan.solver, "status": plan.status, "objective": plan.objective,
         "bound": plan.bound, "gap": plan.gap, "solve_seconds": plan.solve_seconds,
         "nodes": len(analysis.graph), "notes": list(plan.notes),
+        "decisions": decisions, "step": plan.step_choice.to_json(),
     }
     if args.json:
         return result
+    console.print(f"step            {plan.step_choice.describe()}")
     console.print(_breakdown_table(f"{spec.name}: predicted peak of the planned step",
                                    dict(plan.breakdown), plan.predicted_peak_bytes))
     console.print(f"budget          {format_bytes(plan.budget_bytes)}  ({plan.budget_bytes} B)")
@@ -183,7 +193,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from .api import apply
+    from .planner.optimizers import make_optimizer
     from .planner.plan import Plan
+    from .stepplan import planned_optimizer
 
     spec, _ = _load(args)
     plan = Plan.load(args.plan)
@@ -198,19 +210,38 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
                            source=f"plan {args.plan!r}")
         inputs, targets = spec.batch(batch_size)
         planned = apply(model, plan, inputs)
-        say("gradients against the unplanned model")
         differences = []
-        for module in (reference, planned):
-            module.zero_grad(set_to_none=True)
+        if plan.step_choice.is_ordinary:
+            say("gradients against the unplanned model")
+            for module in (reference, planned):
+                module.zero_grad(set_to_none=True)
+                torch.manual_seed(0)
+                spec.loss_fn(call_model(module, inputs), targets).backward()
+            for (_, p_ref), (_, p_plan) in zip(reference.named_parameters(),
+                                                   planned.named_parameters()):
+                if p_ref.grad is not None and p_plan.grad is not None:
+                    differences.append(float((p_ref.grad - p_plan.grad).abs().max()))
+        else:
+            # step-level decisions change how the step runs (the step inside backward
+            # frees every gradient): compare the parameters after one step instead
+            say("parameters after one step against the unplanned model")
+            one_ref, one_model = copy.deepcopy(reference), copy.deepcopy(model)
+            one_plan = apply(one_model, plan, inputs)
             torch.manual_seed(0)
-            spec.loss_fn(call_model(module, inputs), targets).backward()
-        for (_, p_ref), (_, p_plan) in zip(reference.named_parameters(),
-                                               planned.named_parameters()):
-            if p_ref.grad is not None and p_plan.grad is not None:
-                differences.append(float((p_ref.grad - p_plan.grad).abs().max()))
+            ref_opt = make_optimizer(args.optimizer, one_ref.parameters())
+            ref_opt.zero_grad(set_to_none=True)
+            spec.loss_fn(call_model(one_ref, inputs), targets).backward()
+            ref_opt.step()
+            torch.manual_seed(0)
+            one_plan.train_step(inputs, targets, planned_optimizer(
+                plan, args.optimizer, one_plan.parameters()), spec.loss_fn)
+            for p_ref, p_plan in zip(one_ref.parameters(), one_model.parameters()):
+                differences.append(float((p_ref - p_plan).abs().max()))
         say("real training steps, planned and unplanned")
         measured = measure_api(planned, inputs, targets, loss_fn=spec.loss_fn,
-                                optimizer=args.optimizer, steps=args.steps)
+                               optimizer=args.optimizer, steps=args.steps,
+                               optimizer_instance=planned_optimizer(
+                                   plan, args.optimizer, planned.parameters()))
         baseline = measure_api(reference, inputs, targets, loss_fn=spec.loss_fn,
                                 optimizer=args.optimizer, steps=args.steps)
     error = (plan.predicted_peak_bytes - measured.peak_bytes) / measured.peak_bytes
@@ -224,6 +255,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
         "baseline_step_seconds": baseline.step_seconds,
         "overhead": measured.step_seconds / baseline.step_seconds - 1,
         "max_grad_diff": max(differences, default=0.0),
+        "compared": "gradients" if plan.step_choice.is_ordinary else
+                    "parameters after one step",
+        "step": plan.step_choice.to_json(),
     }
     if args.json:
         return result
@@ -236,5 +270,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
     console.print(f"step time       {measured.step_seconds * 1e3:.1f} ms planned, "
                   f"{baseline.step_seconds * 1e3:.1f} ms unplanned "
                   f"({result['overhead']:+.1%})")
-    console.print(f"max |grad diff| {result['max_grad_diff']:.3g}")
+    console.print(f"step            {plan.step_choice.describe()}")
+    console.print(f"max |diff|      {result['max_grad_diff']:.3g} ({result['compared']}, "
+                  f"against the unplanned model)")
     return None

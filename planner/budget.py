@@ -18,17 +18,19 @@ from .units import parse_size
 
 @dataclass(frozen=True, kw_only=True)
 class Budget:
-    """Exactly one of ``bytes`` or ``fraction``."""
+    """Exactly one of ``bytes``, ``fraction`` or ``minimum``."""
 
     bytes: int | None = None
     """An absolute peak in bytes."""
     fraction: float | None = None
     """A share of the keep-all activation memory on top of the fixed costs."""
+    minimum: bool = False
+    """The smallest peak the allowed decisions reach (``budget="min"``)."""
 
     def __post_init__(self):
-        if (self.bytes is None) == (self.fraction is None):
-            raise BadInputError("expected a budget in bytes or as a fraction, not both "
-                                "or neither")
+        if (self.bytes is not None) + (self.fraction is not None) + self.minimum != 1:
+            raise BadInputError("expected a budget in bytes, as a fraction or min; found "
+                                "none or several")
         if self.bytes is not None and self.bytes <= 0:
             raise BadInputError(f"expected a positive budget; found {self.bytes} B")
         if self.fraction is not None and not (math.isfinite(self.fraction)
@@ -41,9 +43,14 @@ class Budget:
         """From a Budget, bytes (int), or a size string such as ``512MB``."""
         if isinstance(value, Budget):
             return value
+        if isinstance(value, str) and value.strip().lower() == "min":
+            return cls(minimum=True)
         return cls(bytes=parse_size(value, what="budget"))
 
     def resolve(self, costs: CostModel, keep_all_peak_bytes: int) -> int:
+        if self.minimum:
+            raise BadInputError("a minimum budget is resolved by the planner's least-peak "
+                                "search, not from the costs; this is a bug in fedplan")
         if self.bytes is not None:
             return int(self.bytes)
         floor = fixed_floor(costs)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import BadInputError, PlanMismatchError
+from .step import StepChoice
 
 # 2: plans are made for torch.export captures (node names are ATen-level) and carry the
 # model's input signature
@@ -57,6 +58,13 @@ class Plan:
     # shapes and dtypes of the model's inputs (planner.capture.input_signature): lets a
     # saved plan capture its model again without the user's data
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    # step-level decisions (planner.step.StepChoice as JSON): micro-batches, the optimizer
+    # step inside backward, the optimizer state's precision; empty: an ordinary step
+    step: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def step_choice(self) -> StepChoice:
+        return StepChoice.from_json(dict(self.step))
 
     @cached_property
     def decision_map(self) -> dict[str, str]:
@@ -101,6 +109,7 @@ class Plan:
         data["pack_after"] = dict(self.pack_after)
         data["unpin_after"] = dict(self.unpin_after)
         data["inputs"] = dict(self.inputs)
+        data["step"] = dict(self.step)
         data.pop("decision_map", None)
         return {"schema_version": data.pop("schema_version"), **data}
 
@@ -136,7 +145,8 @@ class Plan:
                                  for k, v in dict(data.get("pack_after", {})).items()),
                 unpin_after=tuple((str(k), str(v))
                                   for k, v in dict(data.get("unpin_after", {})).items()),
-                inputs=dict(data.get("inputs", {})))
+                inputs=dict(data.get("inputs", {})),
+                step=StepChoice.from_json(data.get("step")).to_json())
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BadInputError(f"{source}: not a valid fedplan plan ({missing}); re-run "

@@ -129,11 +129,20 @@ class _Memory:
 
 
 def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | None = None,
-             *, packed_bytes: Mapping[str, int] | None = None) -> Timeline:
+             *, packed_bytes: Mapping[str, int] | None = None,
+             optimizer_in_backward: bool = False, gradients_held: bool = False) -> Timeline:
     """Replay one training step under ``decisions`` (node -> keep | recompute | compress:*).
 
     ``packed_bytes`` overrides the packed sizes (storage key -> bytes) that the cost model
-    gives the compressed nodes.
+    gives the compressed nodes. Step-level decisions (``planner.step``):
+
+    * ``optimizer_in_backward``: a parameter is updated as soon as its gradient is complete
+      (after the backward of its first user in forward order, the last to reach it), with
+      its share of the optimizer step's temporaries, and its gradient is freed at once;
+      no optimizer step at the end.
+    * ``gradients_held``: every parameter's gradient is allocated before the step starts
+      (a second or later micro-batch: the earlier ones left them to accumulate into), so
+      backward accumulates into them.
     """
     decisions = dict(decisions or {})
     packed = packed_sizes(costs, decisions)
@@ -231,6 +240,15 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
     buffer_refs: dict[str, int] = {}    # grad buffer -> nodes whose grad lives in it
     shared: set[str] = set()            # nodes whose grad is another node's grad tensor
     param_sizes = dict(costs.params)
+    if gradients_held:
+        for param, size in param_sizes.items():
+            memory.alloc(f"param_grad:{param}", size, "gradients")
+    completes_at: dict[str, str] = {}   # parameter -> node whose backward completes its grad
+    if optimizer_in_backward:
+        for name in order:
+            for param in node_cost[name].params:
+                completes_at.setdefault(param, name)
+    total_param_bytes = max(sum(param_sizes.values()), 1)
     started_regions: set[int] = set()
     node_bytes = {node.name: node.output_bytes for node in graph.nodes}
     output_inputs = graph.nodes[-1].inputs
@@ -302,6 +320,12 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
                        and name not in region_of)
         inside = memory.observe("backward", name,
                                 accumulate + cost.backward_temp_bytes + unpacked)
+        for param in cost.params:  # the step inside backward: update, then free the grad
+            if completes_at.get(param) == name:
+                share = costs.optimizer_step_temp_bytes * param_sizes.get(param, 0)
+                inside = max(inside, memory.observe(
+                    "backward", name, share // total_param_bytes))
+                memory.free(f"param_grad:{param}")
         # this node's own output gradient and what only it held are released
         if name in grads:
             buffer = grads[name]
@@ -333,7 +357,8 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
     for key in list(memory.live):
         if key.startswith("grad:"):
             memory.free(key)
-    inside = memory.observe("optimizer", "step", costs.optimizer_step_temp_bytes)
+    inside = memory.observe("optimizer", "step",
+                            0 if optimizer_in_backward else costs.optimizer_step_temp_bytes)
     events.append(Event("optimizer", "step", memory.level, inside, memory.levels()))
     return Timeline(peak_bytes=memory.peak, peak_phase=memory.peak_at[0],
                     peak_node=memory.peak_at[1], breakdown=memory.peak_breakdown,

@@ -80,7 +80,14 @@ def measure_step(module: torch.nn.Module, inputs: Any, targets: Any,
     call = ModelCall.of(inputs)
     device = call.tensors()[0].device
 
+    train_step = getattr(module, "train_step", None)  # a PlannedModule runs its own step
+    if call.args and call.kwargs:
+        train_step = None  # (mixed calls run the plain three lines)
+    step_inputs = dict(call.kwargs) if call.kwargs else tuple(call.args)
+
     def step() -> float:
+        if train_step is not None:
+            return float(train_step(step_inputs, targets, optimizer, loss_fn))
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(module(*call.args, **call.kwargs), targets)
         loss.backward()

@@ -37,6 +37,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
 from fedplan.planner.capture import Captured
+from fedplan.planner.errors import BadInputError
 from fedplan.planner.plan import RECOMPUTE, Plan
 
 from .compress import CompressionSession, active, insert_marks
@@ -191,8 +192,36 @@ class PlannedModule(nn.Module):
         with active(session):
             return self._captured.unflatten(self._program(*flat))
 
+    def train_step(self, inputs, targets, optimizer: torch.optim.Optimizer,
+                   loss_fn=None) -> torch.Tensor:
+        """One whole training step under the plan; returns the (detached) loss.
+
+        ``inputs`` as the model takes them (a tensor, a tuple, or a dict of keyword
+        inputs); ``loss_fn(outputs, targets)`` defaults to cross-entropy. A plan with
+        step-level decisions (micro-batches, the optimizer step inside backward, 8-bit
+        optimizer state) runs only through here; for a plan without them this is exactly
+        ``optimizer.zero_grad(set_to_none=True); loss_fn(self(...), targets).backward();
+        optimizer.step()``.
+        """
+        from .optim_state import _QuantizedStateOptimizer
+        from .step import StepOptions, train_step
+
+        choice = self.plan.step_choice
+        if choice.state_bits == 8 and not isinstance(optimizer, _QuantizedStateOptimizer):
+            raise BadInputError(
+                f"the plan keeps the optimizer state in 8 bits; found a "
+                f"{type(optimizer).__name__}; build the optimizer with "
+                f"fedplan.runtime.optim_state.to_quantized(optimizer)")
+        if loss_fn is None:
+            loss_fn = torch.nn.functional.cross_entropy
+        options = StepOptions(microbatches=choice.microbatches,
+                              optimizer_in_backward=choice.optimizer_in_backward)
+        return train_step(self, inputs, targets, loss_fn, optimizer, options=options)
+
     def extra_repr(self) -> str:
         counts = self.plan.counts()
-        return (f"plan={self.plan.solver}, budget={self.plan.budget_bytes} B, "
+        step = self.plan.step_choice
+        return (f"plan={self.plan.solver}, step={step.describe()}, "
+                f"budget={self.plan.budget_bytes} B, "
                 f"recompute={counts.get(RECOMPUTE, 0)}, regions={self.regions}, "
                 f"compressed={self.compressed}")

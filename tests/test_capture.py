@@ -218,9 +218,11 @@ def test_structured_outputs_reach_the_loss_as_the_model_returns_them():
 
 def test_inputs_that_do_not_match_forward_are_one_line_errors():
     with pytest.raises(fedplan.BadInputError, match="does not accept the example inputs"):
-        fedplan.analyze(bert(), {"input_ids": torch.zeros(2, SEQ, dtype=torch.long),
-                                 "no_such_argument": torch.zeros(2)}, torch.zeros(2).long(),
-                        loss_fn=logits_loss, repeats=1)
+        fedplan.analyze(nn.Linear(4, 2), {"inputs": torch.zeros(2, 4)}, torch.zeros(2).long(),
+                        repeats=1)
+    with pytest.raises(fedplan.BadInputError, match="does not accept the example inputs"):
+        fedplan.analyze(nn.Linear(4, 2), (torch.zeros(2, 4), torch.zeros(2, 4)),
+                        torch.zeros(2).long(), repeats=1)
 
 
 def test_a_loss_that_is_not_a_scalar_is_a_one_line_error():

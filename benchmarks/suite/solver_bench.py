@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from fedplan.planner import solvers
 from fedplan.planner.errors import BadInputError, BudgetInfeasibleError
 from fedplan.planner.graphs import (
     RAM_SCALE,
@@ -23,7 +24,6 @@ from fedplan.planner.graphs import (
     to_problem,
 )
 from fedplan.planner.simulate import simulate
-from fedplan.planner.solvers import SolverOptions, get_solver
 
 from .exact import exact_min_recompute
 
@@ -73,7 +73,7 @@ def run_solver(problem: GraphProblem, fraction: float, *, solver: str = "ilp",
     external = problem.external
     peak_units = no_recompute_peak(external)
     budget_units = int(fraction * peak_units)
-    options = SolverOptions(time_limit_seconds=time_limit, workers=workers, **NO_MARGIN)
+    options = solvers.SolverOptions(time_limit_seconds=time_limit, workers=workers, **NO_MARGIN)
     keep_all = simulate(problem.graph, problem.costs).peak_bytes / RAM_SCALE
     base = problem.base_cost
     common = dict(graph=external.name, nodes=len(external),
@@ -82,8 +82,8 @@ def run_solver(problem: GraphProblem, fraction: float, *, solver: str = "ilp",
                   no_recompute_peak=peak_units, keep_all_peak=keep_all)
     start = time.perf_counter()
     try:
-        result = get_solver(solver)(problem.graph, problem.costs, budget_units * RAM_SCALE,
-                                    options)
+        result = solvers.run_solver(problem.graph, problem.costs, budget_units * RAM_SCALE, solver,
+                            options)
     except BudgetInfeasibleError as exc:
         smallest = (f"; the smallest peak fedplan's plan space reaches is "
                     f"{exc.smallest_bytes / RAM_SCALE:g}" if exc.smallest_bytes else "")

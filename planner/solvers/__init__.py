@@ -63,13 +63,7 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         target = budget_bytes - options.safety_bytes - int(
             options.safety_fraction * max(0, budget_bytes - floor))
         try:
-            try:
-                result = function(graph, costs, max(target, floor), options)
-            except NoPlanFound as found_nothing:
-                if solver != "ilp":  # the least-peak search is the ILP's own fallback
-                    raise infeasible(graph, costs, budget_bytes, solver, options) from None
-                result = _from_least_peak(graph, costs, max(target, floor), solver, options,
-                                          str(found_nothing))
+            result = run_solver(graph, costs, max(target, floor), solver, options)
         except BudgetInfeasibleError as exc:
             if exc.smallest_bytes is None:
                 raise
@@ -117,6 +111,22 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         unpin_after=last_readers(graph, costs, decisions))
 
 
+def run_solver(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
+               options: SolverOptions) -> SolveResult:
+    """Run a registered solver at exactly ``budget_bytes`` (no safety margin, no check).
+
+    A solver that finds nothing (``NoPlanFound``): the ILP falls back on the plan of least
+    peak, refined to the budget; any other raises the infeasible error.
+    """
+    try:
+        return get_solver(solver)(graph, costs, budget_bytes, options)
+    except NoPlanFound as found_nothing:
+        if solver != "ilp":  # the least-peak search is the ILP's own fallback
+            raise infeasible(graph, costs, budget_bytes, solver, options) from None
+        return _from_least_peak(graph, costs, budget_bytes, solver, options,
+                                str(found_nothing))
+
+
 def _from_least_peak(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
                      options: SolverOptions, reason: str) -> SolveResult:
     """No plan from the solver: start from the plan of least peak and give back what the
@@ -136,6 +146,6 @@ def _from_least_peak(graph: PlanGraph, costs: CostModel, budget_bytes: int, solv
                      smallest=(timeline.peak_bytes, timeline.breakdown))
 
 
-__all__ = ["NoPlanFound", "SolveResult", "SolverOptions", "get_solver", "infeasible",
+__all__ = ["NoPlanFound", "run_solver", "SolveResult", "SolverOptions", "get_solver", "infeasible",
            "least_peak_decisions", "minimum_peak", "overhead_seconds", "register", "solve",
            "solver_names"]
