@@ -2,6 +2,8 @@
 
     python benchmarks/bench_fl.py [--rounds 30] [--jobs 2] [--seeds 0,1] [--out /tmp/fl_bench]
                                   [--max-rounds 120] [--fixed-rounds] [--with-pacer]
+    python benchmarks/bench_fl.py --strategies [...]   # every strategy on Fashion-MNIST and
+                                                       # Shakespeare: bench_fl_strategies.py
 
 100 clients, 10 per round, mnist5k, Dirichlet alpha 0.5, budgets from the packaged device
 tiers scaled so the 6GB tier gets 1.1x the keep-all peak (54 of 100 clients below
@@ -160,6 +162,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--strategies" in argv:  # every round policy on Fashion-MNIST and Shakespeare
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_fl_strategies
+        return bench_fl_strategies.main([a for a in argv if a != "--strategies"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)

@@ -46,7 +46,10 @@ PROFILED_STEPS = 2
 
 def _per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy; outputs of shape (B, T, C) (a prediction per position)
-    give each sample its mean over positions."""
+    give each sample its mean over positions. Floating targets (a split device part's
+    loss is its output times the edge's gradient) have no per-sample loss: zeros."""
+    if targets.is_floating_point():
+        return torch.zeros(outputs.shape[0], dtype=outputs.dtype)
     if outputs.dim() == 3:
         return F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none").mean(1)
     return F.cross_entropy(outputs, targets, reduction="none")

@@ -293,11 +293,13 @@ class RoundPolicy:
             step_seconds=entry.step_seconds)
 
     def configure(self, round_index: int, clients: Sequence[ClientInfo],
-                  weights: dict[str, np.ndarray]) -> list[Assignment]:
+                  weights: dict[str, np.ndarray], *, chosen: Sequence[int] | None = None
+                  ) -> list[Assignment]:
         """This round's assignments (chosen clients that no plan fits are skipped, logged
-        and reported to the selector)."""
+        and reported to the selector). ``chosen``: clients a subclass already selected."""
         by_id = {c.client_id: c for c in clients}
-        chosen = self.select(round_index, clients)
+        if chosen is None:
+            chosen = self.select(round_index, clients)
         self.sent_weights = weights
         self.pending = {}
         self.chosen = list(chosen)

@@ -262,9 +262,11 @@ def model_for(dataset: str) -> str:
         raise BadInputError(str(exc)) from exc
 
 
-def build_federation(config: SimConfig, progress: Callable[[str], None] | None = None
-                     ) -> Federation:
-    """Load model and data, plan once per budget bucket, draw devices and partitions."""
+def build_federation(config: SimConfig, progress: Callable[[str], None] | None = None, *,
+                     cache: PlanCache | None = None) -> Federation:
+    """Load model and data, plan once per budget bucket, draw devices and partitions.
+    ``cache``: a plan cache already built for this model, batch size, learning rate and
+    bucket width (benchmarks reuse one across seeds; plans do not depend on the seed)."""
     say = progress or (lambda _m: None)
     start = time.perf_counter()
     try:
@@ -283,9 +285,10 @@ def build_federation(config: SimConfig, progress: Callable[[str], None] | None =
             f"{dataset.input_shape} images")
     say(f"tracing and measuring {spec.name} (batch {batch_size})")
     with torch_threads(config.threads):
-        cache = PlanCache(spec.build, inputs, targets, lr=config.lr, loss_fn=spec.loss_fn,
-                          bucket_fraction=config.bucket_fraction, progress=say,
-                          options=solver_options(config.plan_time_limit))
+        if cache is None:
+            cache = PlanCache(spec.build, inputs, targets, lr=config.lr,
+                              loss_fn=spec.loss_fn, bucket_fraction=config.bucket_fraction,
+                              progress=say, options=solver_options(config.plan_time_limit))
         keep_all = cache.keep_all_bytes
         try:
             if tiers_arg.fractions is not None:

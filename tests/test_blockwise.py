@@ -78,6 +78,8 @@ def test_round_trip_error_bound_per_block_and_exact_bytes(block_size, signed):
     v = x.double() / absmax
     upper = torch.searchsorted(table, v).clamp(1, 255)
     bound = torch.where(v < table[0], table[0] - v, (table[upper] - table[upper - 1]) / 2)
+    if not signed:  # positive values below the smallest positive entry round up to it
+        bound = torch.where((v > 0) & (v < table[1]), table[1] - v, bound)
     error = (y.double() - x.double()).abs()
     rounding = (x.double().abs() + y.double().abs()) * 2.0**-23
     assert bool((error <= absmax * bound + rounding).all())
@@ -105,6 +107,19 @@ def test_dynamic_range_keeps_small_values_relative():
         relative = ((y[1:100] - x[1:100]).abs() / x[1:100])
         assert float(relative.max()) <= bound, signed
         assert torch.equal(y[100:], x[100:])  # zeros stay exactly zero
+
+
+def test_unsigned_map_never_stores_a_positive_value_as_zero():
+    """Adam's second moment: a block with absmax 1 keeps 1e-12 as 3.25e-7 (not 0, which
+    would turn the update into m / eps); exact zeros stay zero; the signed map rounds to
+    nearest (1e-12 -> 0)."""
+    x = torch.tensor([1.0, 1e-12, 1.6e-7, 0.0] + [0.5] * 60)
+    unsigned = dequantize_blockwise(quantize_blockwise(x, block_size=64, signed=False))
+    smallest = float(dynamic_map(False)[1])
+    assert smallest == pytest.approx(3.25e-7, rel=1e-6)
+    assert unsigned[1] == unsigned[2] == smallest and unsigned[3] == 0.0
+    signed = dequantize_blockwise(quantize_blockwise(x, block_size=64, signed=True))
+    assert signed[1] == 0.0
 
 
 def test_zero_block_and_non_finite_blocks():

@@ -149,7 +149,8 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
     policy = build_policy(
         config.strategy or config.selector, cache=cache, spec=spec, log=recorder.log,
         config=PolicyConfig(clients_per_round=config.clients_per_round, epochs=config.epochs,
-                            batch_size=batch_size, lr=config.lr, seed=config.seed))
+                            batch_size=batch_size, lr=config.lr, seed=config.seed,
+                            rounds=config.num_server_rounds))
     strategy = FedPlanStrategy(config=config, registry=registry, policy=policy,
                                log=recorder.log)
     recorder.summary["rounds"] = strategy.history

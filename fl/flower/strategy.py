@@ -53,6 +53,11 @@ _GONE = {ErrorCode.NODE_UNAVAILABLE: "the SuperLink reports the node unavailable
          ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the node's reply expired"}
 
 
+def _EXTRA_KEYS(policy: RoundPolicy, round_index: int) -> set[str]:  # noqa: N802
+    """The policy's own per-round metrics (a strategy's stage, say), as aggregate saw them."""
+    return set(policy.round_info(round_index))
+
+
 class FedPlanStrategy(Strategy):
     """Flower's hooks around a :class:`RoundPolicy` (see the module doc)."""
 
@@ -151,7 +156,7 @@ class FedPlanStrategy(Strategy):
         round_log.update(participants=m["clients"], train_loss=m["train_loss"],
                          bytes_sent=m["bytes_sent"],
                          simulated_round_seconds=m["round_seconds"],
-                         **self.policy.round_info(r))
+                         **{k: v for k, v in m.items() if k in _EXTRA_KEYS(self.policy, r)})
         metrics = MetricRecord({"participants": m["participants"],
                                 "rejected": len(round_log["rejected"]),
                                 "no-reply": len(round_log["no_reply"]),

@@ -36,7 +36,7 @@ def register(name: str, policy: type[RoundPolicy], client: Callable[..., ClientR
     _CLIENTS[name] = client
 
 
-_MODULES: tuple[str, ...] = ("heterofl", "neulite", "profl")
+_MODULES: tuple[str, ...] = ("heterofl", "neulite", "profl", "smartsplit")
 """The strategy modules of this package (each registers itself on import)."""
 
 
@@ -94,4 +94,5 @@ def make_policy(federation, *, log: Callable[[str, dict[str, Any]], None] | None
                           deadline_seconds=cfg.deadline_seconds, rounds=cfg.rounds)
     return build_policy(cfg.strategy or cfg.selector, config=config, cache=federation.cache,
                         spec=federation.spec, selector_options=cfg.selector_options,
-                        options=cfg.strategy_options, log=log)
+                        options={"plan_time_limit": cfg.plan_time_limit}
+                        | dict(cfg.strategy_options), log=log)

@@ -185,3 +185,26 @@ def train_block(instruction: TrainInstruction, train_x: torch.Tensor, train_y: t
 
     return train_client(instruction, train_x, train_y, model_factory=lambda: trainable,
                         loss_fn=loss_fn or spec.loss_fn, prefix=prefix, names=rename)
+
+
+_SHARED: dict[tuple, Any] = {}
+
+
+def shared(key: tuple, build: Callable[[], Any]) -> Any:
+    """One value per key in this process: the strategies' per-stage, per-width and per-cut
+    plan caches (and edge facts) are deterministic functions of the model file, batch
+    size, learning rate, bucket width and solver limit, so policies built again for the
+    same federation (a resume, another seed, a test) reuse them instead of solving again."""
+    if key not in _SHARED:
+        _SHARED[key] = build()
+    return _SHARED[key]
+
+
+def spec_key(spec: ModelSpec) -> tuple:
+    """Identifies a model file's content (path and modification time)."""
+    path = spec.path
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    return (str(path), stamp)

@@ -52,6 +52,7 @@ from ..policy import (
 )
 from ..selectors import Candidate, FeasibleRandomSelector
 from . import register
+from .blocks import shared, spec_key
 
 __all__ = ["RATES", "HeteroFLPolicy", "slice_to"]
 
@@ -107,11 +108,13 @@ class HeteroFLPolicy(RoundPolicy):
         if rate not in self._caches:
             import fedplan
             (inputs, *_), targets = self.spec.batch(self.config.batch_size)
-            self._caches[rate] = PlanCache(
+            key = ("width", spec_key(self.spec), rate, self.config.batch_size,
+                   self.config.lr, self.cache.bucket_fraction, self.plan_time_limit)
+            self._caches[rate] = shared(key, lambda: PlanCache(
                 self.builders[rate], inputs, targets, lr=self.config.lr,
                 loss_fn=self.spec.loss_fn, bucket_fraction=self.cache.bucket_fraction,
                 options=fedplan.SolverOptions(workers=1,
-                                              time_limit_seconds=self.plan_time_limit))
+                                              time_limit_seconds=self.plan_time_limit)))
         return self._caches[rate]
 
     def rate_for(self, budget_bytes: int) -> tuple[float, CachedPlan | Infeasible]:

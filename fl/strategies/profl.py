@@ -60,7 +60,7 @@ from ..policy import (
 )
 from ..selectors import Candidate, FeasibleRandomSelector
 from . import register
-from .blocks import BlockModel, example_input, train_block
+from .blocks import BlockModel, example_input, shared, spec_key, train_block
 
 __all__ = ["BlockwisePolicy", "ProFLPolicy"]
 
@@ -100,14 +100,16 @@ class BlockwisePolicy(RoundPolicy):
             import fedplan
             spec, (inputs, targets) = self.spec, self.example
             tail, name = self.previous_tail, self.name
-            self._caches[k] = PlanCache(
+            key = ("stage", name, spec_key(spec), k, self.config.batch_size, self.config.lr,
+                   self.cache.bucket_fraction, self.plan_time_limit)
+            self._caches[k] = shared(key, lambda: PlanCache(
                 lambda: BlockModel(spec, inputs, name).trainable(k, previous_tail=tail),
                 inputs, targets, lr=self.config.lr, loss_fn=self.stage_loss(k),
                 bucket_fraction=self.cache.bucket_fraction,
                 options=fedplan.SolverOptions(workers=1,
                                               time_limit_seconds=self.plan_time_limit),
                 prefix_factory=(lambda: BlockModel(spec, inputs, name).frozen(
-                    k, previous_tail=tail)) if k > 0 else None)
+                    k, previous_tail=tail)) if k > 0 else None))
         return self._caches[k]
 
     def stage_loss(self, k: int):

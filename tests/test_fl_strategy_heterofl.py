@@ -1,0 +1,54 @@
+"""The heterofl round policy (fedplan/fl/strategies/heterofl.py) on the real workloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from .test_fl_common import check_faults, check_learns, check_resume
+
+STRATEGY = "heterofl"
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "shakespeare"])
+def test_learns_within_every_budget(dataset):
+    check_learns(dataset, STRATEGY)
+
+
+def test_faults_are_rejected():
+    check_faults("shakespeare", STRATEGY)
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    check_resume("shakespeare", STRATEGY, tmp_path)
+
+
+def test_nested_slices_are_averaged_over_their_holders():
+    import numpy as np
+
+    from fedplan.fl.messages import ClientReply
+    from fedplan.fl.policy import fedavg
+    from fedplan.fl.strategies.heterofl import slice_to
+
+    full = {"w": np.zeros((4, 2), dtype=np.float32)}
+    half = slice_to({"w": np.arange(8, dtype=np.float32).reshape(4, 2)}, {"w": (2, 1)})
+    assert half["w"].tolist() == [[0.0], [2.0]]
+
+    def reply(value, shape, n):
+        return ClientReply(round=0, client_id=0, weights={"w": np.full(shape, value,
+                                                                      np.float32)},
+                           num_samples=n, steps=1, loss_sum=0.0, loss_sq_sum=0.0,
+                           loss_count=1, measured_peak_bytes=1, budget_bytes=1,
+                           train_seconds=0.0)
+    merged = fedavg([reply(1.0, (4, 2), 1), reply(4.0, (2, 1), 2)], full)["w"]
+    assert merged[0, 0] == 3.0 and merged[1, 0] == 3.0   # (1*1 + 4*2) / 3
+    assert merged[0, 1] == 1.0 and merged[3, 1] == 1.0   # only the full-width client
+
+
+def test_widths_follow_budgets():
+    from .test_fl_common import finished
+
+    run = finished("fashion-mnist", STRATEGY)
+    policy = run.policy
+    budgets = sorted({c.budget_bytes for c in run.clients})
+    rates = [policy.rate_for(b)[0] for b in budgets]
+    assert rates == sorted(rates) and rates[-1] == 1.0
