@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="timing repeats per node (default: 5)")
     compile_.add_argument("-o", "--output", metavar="PLAN.json",
                           help="where to write the plan (default: MODEL.plan.json)")
+    compile_.add_argument("--timeline", metavar="FILE.png", default=None,
+                          help="also draw the memory timeline of one step, keep-all beside "
+                               "the plan, stacked by kind, predicted against measured")
     compile_.set_defaults(handler=_commands().compile_)
 
     measure = commands.add_parser(
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a plan written by `fedplan compile`")
     measure.add_argument("--steps", type=int, default=5, metavar="N",
                          help="timed training steps (default: 5)")
+    measure.add_argument("--timeline", metavar="FILE.png", default=None,
+                         help="also draw the memory timeline of one step (keep-all beside "
+                              "the plan, predicted against measured)")
     measure.set_defaults(handler=_commands().measure)
 
     from .fl.cli import add_parsers as add_fl_parsers  # `fedplan fl simulate`

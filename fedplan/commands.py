@@ -138,6 +138,9 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
         decisions.remove("compress")
     options = _solver_options(args)
     output = Path(args.output) if args.output else spec.path.with_suffix(".plan.json")
+    if args.timeline:
+        from .timeline import check_path
+        check_path(args.timeline)  # before any work
     if not output.parent.exists():
         raise BadInputError(f"cannot write the plan to {str(output)!r}: folder "
                             f"{str(output.parent)!r} does not exist")
@@ -152,6 +155,7 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
                                    progress=say)
     plan = replace(plan, model_name=spec.name)
     plan.save(output)
+    picture = _timeline(args, spec, model, inputs, targets, analysis, plan, batch_size)
     counts = plan.counts()
     result = {
         "model": str(spec.path), "plan": str(output), "batch_size": batch_size,
@@ -166,6 +170,7 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
         "bound": plan.bound, "gap": plan.gap, "solve_seconds": plan.solve_seconds,
         "nodes": len(analysis.graph), "notes": list(plan.notes),
         "decisions": decisions, "step": plan.step_choice.to_json(),
+        "timeline": picture,
     }
     if args.json:
         return result
@@ -189,6 +194,29 @@ def compile_(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def _timeline(args, spec, model, inputs, targets, analysis, plan, batch_size
+              ) -> dict[str, Any] | None:
+    """Draw ``--timeline`` if asked; plans with step-level decisions are not drawn yet."""
+    if not args.timeline:
+        return None
+    from .timeline import write_timeline
+    if not plan.step_choice.is_ordinary:
+        note = (f"timeline not drawn: the picture draws plans with an ordinary step, this "
+                f"one has {plan.step_choice.describe()}")
+        if not args.json:
+            console.print(f"[yellow]note:[/yellow] {note}")
+        return {"path": None, "note": note}
+    picture = write_timeline(args.timeline, model, inputs, targets, analysis=analysis,
+                             plan=plan, loss_fn=spec.loss_fn, optimizer=args.optimizer,
+                             title=f"{spec.name}, batch {batch_size}")
+    if not args.json:
+        console.print(f"wrote {picture.path} (predicted peak "
+                      f"{format_bytes(picture.predicted_peak_bytes)}, measured "
+                      f"{format_bytes(picture.measured_peak_bytes or 0)})")
+    return {"path": str(picture.path), "predicted_peak_bytes": picture.predicted_peak_bytes,
+            "measured_peak_bytes": picture.measured_peak_bytes}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
@@ -209,6 +237,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
         plan.check_matches(batch_size=batch_size, optimizer=args.optimizer,
                            source=f"plan {args.plan!r}")
         inputs, targets = spec.batch(batch_size)
+        if args.timeline:
+            from .timeline import check_path
+            check_path(args.timeline)
+            timeline_analysis = analyze(model, inputs, targets, loss_fn=spec.loss_fn,
+                                        optimizer=args.optimizer,
+                                        compress=bool(plan.compressed), repeats=1)
+            picture = _timeline(args, spec, model, inputs, targets, timeline_analysis, plan,
+                                batch_size)
+        else:
+            picture = None
         planned = apply(model, plan, inputs)
         differences = []
         if plan.step_choice.is_ordinary:
@@ -257,6 +295,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any] | None:
         "max_grad_diff": max(differences, default=0.0),
         "compared": "gradients" if plan.step_choice.is_ordinary else
                     "parameters after one step",
+        "timeline": picture,
         "step": plan.step_choice.to_json(),
     }
     if args.json:

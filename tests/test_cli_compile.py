@@ -20,7 +20,7 @@ def compiled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plans")
     path = folder / "cnn.plan.json"
     code = main(["compile", MODEL, "--budget", "64MB", "--solver", "sqrt",
-                 "--repeats", "1", "-o", str(path), "--json"])
+                 "--decisions", "recompute", "--repeats", "1", "-o", str(path), "--json"])
     assert code == 0
     return path
 
@@ -101,3 +101,16 @@ def test_compile_into_missing_folder_writes_nothing(capsys, tmp_path):
     code, _, err = run_cli(capsys, "compile", MODEL, "--budget", "64MB", "-o", str(out))
     assert_one_line_error(code, err, "does not exist")
     assert not out.parent.exists()
+
+
+def test_compile_draws_the_timeline_with_the_plans_peak(capsys, tmp_path):
+    picture = tmp_path / "timeline.png"
+    code, out, _ = run_cli(capsys, "compile", str(EXAMPLES / "gpt.py"), "--budget-fraction",
+                           "0.5", "--decisions", "recompute", "--timeline", str(picture),
+                           "--repeats", "1", "--json", "-o", str(tmp_path / "p.json"))
+    assert code == 0
+    result = json.loads(out)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["timeline"]["predicted_peak_bytes"] == result["predicted_peak_bytes"]
+    measured = result["timeline"]["measured_peak_bytes"]
+    assert abs(measured - result["predicted_peak_bytes"]) <= 0.05 * measured
