@@ -206,7 +206,8 @@ def plan_step(model: nn.Module, example_inputs: Any, targets: Any, *, budget: Bu
                 best_total = total
                 best_plan = replace(
                     result, batch_size=batch, keep_all_peak_bytes=keep_all,
-                    predicted_overhead_seconds=total, step=candidate.choice.to_json(),
+                    predicted_overhead_seconds=total,
+                    step={} if candidate.choice.is_ordinary else candidate.choice.to_json(),
                     inputs=input_signature(candidate.call),
                     notes=result.notes + (f"step: {candidate.choice.describe()}",))
                 best_candidate = candidate

@@ -146,7 +146,7 @@ class Plan:
                 unpin_after=tuple((str(k), str(v))
                                   for k, v in dict(data.get("unpin_after", {})).items()),
                 inputs=dict(data.get("inputs", {})),
-                step=StepChoice.from_json(data.get("step")).to_json())
+                step=_step_json(StepChoice.from_json(data.get("step"))))
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise BadInputError(f"{source}: not a valid fedplan plan ({missing}); re-run "
@@ -186,6 +186,11 @@ class Plan:
             raise PlanMismatchError(
                 f"{source} was made for optimizer {self.optimizer!r}; found {optimizer!r}; "
                 f"compile a plan for {optimizer!r}")
+
+
+def _step_json(choice: StepChoice) -> dict[str, Any]:
+    """A plan stores an ordinary step as {} (what a plan without step decisions has)."""
+    return {} if choice.is_ordinary else choice.to_json()
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO], Any], *,

@@ -624,6 +624,9 @@ def solve_ilp(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                          "model; CP-SAT searched from a partial hint")
     # leave room for the refine and the caller's check of the plan by the simulator
     reserve = 0.02 * options.time_limit_seconds + (simulations + 3) * simulation
+    # CBC's limit counts CPU seconds: on a loaded machine the wall time runs over it, but
+    # a plan does not depend on the load (a wall-clock limit would make plans, and the
+    # federations that use them, differ from run to run)
     model.set_time_limit(max(0.05, deadline - time.perf_counter() - reserve))
     state, decisions, objective, bound = model.solve()
     coarsened = units < space_units
