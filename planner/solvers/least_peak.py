@@ -83,6 +83,7 @@ def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
             options.min_bits > 2 else "allow compression" if not compressing else "")
     return BudgetInfeasibleError(
         f"budget {budget_bytes} B is below the smallest peak this plan space reaches "
+        f"as far as fedplan's search found within --time-limit "
         f"({smallest} B: {parts}); solver {solver!r} found no plan: raise the budget to at "
         f"least {needed} B" + (" (with the safety margin plans keep)" if needed != smallest
                                else "")
