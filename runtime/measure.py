@@ -24,6 +24,9 @@ from fedplan.planner.capture import ModelCall
 from fedplan.planner.cost import tensors_in
 from fedplan.planner.profiling import memory_profile, peak_allocated
 
+from .step import StepOptions
+from .step import train_step as run_train_step
+
 
 @dataclass(frozen=True)
 class StepMeasurement:
@@ -68,12 +71,14 @@ def profiled_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
 
 def measure_step(module: torch.nn.Module, inputs: Any, targets: Any,
                  loss_fn: Callable, optimizer: torch.optim.Optimizer, *, steps: int = 3,
-                 warmup: int = 1) -> StepMeasurement:
+                 warmup: int = 1, options: StepOptions | None = None) -> StepMeasurement:
     """Run ``warmup + steps`` real training steps and measure the last ones.
 
     The first warm-up step creates the optimizer state, so the measured steps start
     from the state a training loop is in at every later step. ``inputs`` is a tensor, a
-    tuple (positional) or a dict (keyword inputs).
+    tuple (positional) or a dict (keyword inputs). A module with a ``train_step`` (a
+    ``PlannedModule``) runs its own step; with ``options`` the step is
+    ``runtime.step.train_step`` with those step-level decisions.
     """
     if steps < 1:
         raise ValueError(f"expected steps >= 1; found {steps}")
@@ -86,6 +91,9 @@ def measure_step(module: torch.nn.Module, inputs: Any, targets: Any,
     step_inputs = dict(call.kwargs) if call.kwargs else tuple(call.args)
 
     def step() -> float:
+        if options is not None:
+            return float(run_train_step(module, step_inputs, targets, loss_fn, optimizer,
+                                        options=options))
         if train_step is not None:
             return float(train_step(step_inputs, targets, optimizer, loss_fn))
         optimizer.zero_grad(set_to_none=True)
