@@ -261,10 +261,13 @@ def test_cli_no_compress_and_min_bits(deep, tmp_path, capsys):
     out = tmp_path / "p.json"
     common = ("--budget-fraction", str(DEEP_FRACTION), "--repeats", "1", "-o", str(out),
               "--json")
-    code, _, err = run_cli(capsys, "compile", path, "--no-compress", *common)
+    # the activation decisions alone (the step-level ones would change the question)
+    code, _, err = run_cli(capsys, "compile", path, "--decisions", "recompute,compress",
+                           "--no-compress", *common)
     assert_one_line_error(code, err, "allow compression")
     assert not out.exists()
-    code, stdout, err = run_cli(capsys, "compile", path, "--min-bits", "2", *common)
+    code, stdout, err = run_cli(capsys, "compile", path, "--decisions", "recompute,compress",
+                                "--min-bits", "2", *common)
     assert code == 0, err
     data = json.loads(stdout)
     assert sum(data["compressed"].values()) > 0
