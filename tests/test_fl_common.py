@@ -70,7 +70,7 @@ def check_faults(dataset: str, strategy: str) -> None:
     import numpy as np
 
 
-    run = server(dataset, strategy, rounds=1, clients_per_round=8)
+    run = server(dataset, strategy, rounds=1)
     chosen = run.policy.select(0, run.clients)
     bad = dict(zip(chosen[:3], ("raise", "nan", "shape")))
 
@@ -115,3 +115,12 @@ def check_resume(dataset: str, strategy: str, tmp_path) -> None:
     assert [m["accuracy"] for m in resumed.history] == [m["accuracy"] for m in whole.history]
     for name, value in whole.weights.items():
         np.testing.assert_array_equal(resumed.weights[name], value, err_msg=name)
+
+
+def check_deadline(dataset: str, strategy: str) -> None:
+    """A client whose simulated round time exceeds the deadline is a logged straggler."""
+    run = server(dataset, strategy, rounds=1, deadline_seconds=1e-6)
+    metrics = run.run_round()
+    assert metrics["participants"] == 0 and metrics["stragglers"] >= 1
+    assert all("exceeds the deadline" in e["reason"] for e in run.events
+               if e["kind"] == "straggler")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .test_fl_common import check_faults, check_learns, check_resume
+from .test_fl_common import check_deadline, check_faults, check_learns, check_resume
 
 STRATEGY = "heterofl"
 
@@ -16,6 +16,7 @@ def test_learns_within_every_budget(dataset):
 
 def test_faults_are_rejected():
     check_faults("shakespeare", STRATEGY)
+    check_deadline("shakespeare", STRATEGY)
 
 
 def test_resume_gives_the_same_result(tmp_path):
