@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py [MODEL[:BATCH] ...] [--repeats 7] [--plan-repeats 1]
         [--time-limit 20] [--threads 1] [--explicit-microbatch] [--json FILE]
+    python benchmarks/bench_step.py --from-json FILE   (the tables of a saved run)
 
 MODEL is a name in examples/ (``unet``) or a model file's path; BATCH overrides the file's
 ``DEFAULT_BATCH_SIZE``. Default: unet:16 densenet_concat resnet_inplace two_input gpt mlp_bn.
@@ -222,10 +223,14 @@ def report(result: dict) -> str:
                          f"{row['smallest_bytes'] / MIB:.2f} MiB, over its budget; planned "
                          "again without that check: failed (below) | | | | | | | |")
             continue
+        if "predicted_bytes" not in row and row.get("smallest_bytes") is None:
+            lines.append(f"| {title} | infeasible: below the fixed costs (below) "
+                         "| | | | | | | |")
+            continue
         if "predicted_bytes" not in row:
             lines.append(f"| {title} | infeasible: smallest "
-                         f"{(row['smallest_bytes'] or 0) / MIB:.2f} MiB "
-                         f"({(row['smallest_bytes'] or 0) / keep_all:.2f} of keep-all) | | | "
+                         f"{row['smallest_bytes'] / MIB:.2f} MiB "
+                         f"({row['smallest_bytes'] / keep_all:.2f} of keep-all) | | | "
                          "| | | | |")
             continue
         counts = ", ".join(f"{key} {value}" for key, value in sorted(row["counts"].items()))
@@ -260,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also plan budget=min with every decision named (micro-batches "
                              "allowed on models with BatchNorm)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--from-json", help="print the tables of a saved --json run and exit")
     args = parser.parse_args(argv)
+    if args.from_json:
+        for result in json.loads(Path(args.from_json).read_text()):
+            print((report(result) if "failed" not in result
+                   else f"### {result['model']}\n\nfailed: `{result['failed']}`") + "\n")
+        return 0
     if args.repeats < 4:
         parser.error("--repeats must be at least 4 to report an interquartile range")
     torch.set_num_threads(args.threads)
