@@ -169,15 +169,19 @@ def plan_step(model: nn.Module, example_inputs: Any, targets: Any, *, budget: Bu
         lowest = None
         for k in counts:
             for candidate in candidates_for(k):
-                peak, _ = minimum_peak(candidate.analysis.graph, candidate.costs, options)
+                if activation_solver == "none":  # no activation decisions: keep-all
+                    peak = simulate(candidate.analysis.graph, candidate.costs).peak_bytes
+                else:
+                    peak, _ = minimum_peak(candidate.analysis.graph, candidate.costs,
+                                           options)
                 if lowest is None or (peak, candidate.step_seconds) < (
                         lowest[0], lowest[1].step_seconds):
                     lowest = (peak, candidate)
         peak, best = lowest
         floor = best.costs.fixed_bytes + best.costs.grad_bytes
-        budget_bytes = math.ceil((peak + options.safety_bytes
-                                  - options.safety_fraction * floor)
-                                 / (1 - options.safety_fraction))
+        budget_bytes = peak if activation_solver == "none" else math.ceil(
+            (peak + options.safety_bytes - options.safety_fraction * floor)
+            / (1 - options.safety_fraction))
         counts = [best.choice.microbatches]
         only = best.choice
     else:

@@ -183,3 +183,16 @@ def test_cli_decisions_and_budget_min(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "measure", model, "--plan", str(out), "--steps", "1",
                               "--json")
     assert code == 0 and json.loads(stdout)["within_budget"]
+
+
+def test_budget_min_with_step_decisions_only():
+    """No activation decisions: the smallest peak is the keep-all peak of the best step."""
+    model = Wide()
+    x, y = batch()
+    plan, _ = fedplan.plan(model, x, y, budget="min", decisions="optimizer-in-backward",
+                           repeats=1)
+    assert plan.step_choice.optimizer_in_backward and not plan.recomputed
+    assert plan.predicted_peak_bytes == plan.budget_bytes
+    planned = fedplan.apply(copy.deepcopy(model), plan)
+    measured = fedplan.measure(planned, x, y, steps=1).peak_bytes
+    assert measured <= plan.budget_bytes
