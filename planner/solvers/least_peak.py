@@ -59,11 +59,8 @@ def _min_peak_options(options: SolverOptions | None) -> SolverOptions:
     base = SolverOptions(time_limit_seconds=20, backend="CP_SAT")
     if options is None:
         return base
-    # the user's time limit holds here too (the search behind an infeasible error)
     return replace(base, compress=options.compress, min_bits=options.min_bits,
-                   workers=options.workers, seed=options.seed,
-                   time_limit_seconds=min(base.time_limit_seconds,
-                                          options.time_limit_seconds))
+                   workers=options.workers, seed=options.seed)
 
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
@@ -83,7 +80,7 @@ def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
             options.min_bits > 2 else "allow compression" if not compressing else "")
     return BudgetInfeasibleError(
         f"budget {budget_bytes} B is below the smallest peak this plan space reaches "
-        f"as far as fedplan's search found within --time-limit "
+        f"as far as fedplan's search finds "
         f"({smallest} B: {parts}); solver {solver!r} found no plan: raise the budget to at "
         f"least {needed} B" + (" (with the safety margin plans keep)" if needed != smallest
                                else "")
