@@ -52,7 +52,7 @@ from fedplan.runtime.optim_state import (
 from fedplan.runtime.rewrite import PlannedModule
 from fedplan.runtime.step import split_batch
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis, analyze, default_targets
 
 BATCH_COUPLED = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default",
                  "aten.native_batch_norm.default", "aten.instance_norm.default")
@@ -113,7 +113,6 @@ def plan_step(model: nn.Module, example_inputs: Any, targets: Any, *, budget: Bu
         analysis = analyze(model, call, targets, loss_fn=loss_fn, optimizer=optimizer,
                            repeats=repeats, compress=options.compress, progress=say)
     if targets is None:
-        from .analysis import default_targets
         targets = default_targets(call)
     batch = analysis.costs.batch_size
     coupled = batch_coupled(analysis) and not explicit_microbatch

@@ -97,19 +97,15 @@ class Captured:
         """The graph's inputs for a call ``model(*args, **kwargs)``."""
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.in_spec:
-            leaves = _rebind(leaves, spec, self.in_spec)
+            raise BadInputError(
+                f"the planned model was captured for calls shaped "
+                f"{_call_shape(self.in_spec)}; found a call shaped {_call_shape(spec)}; call "
+                f"it the way example_batch's inputs were given")
         return leaves
 
     def unflatten(self, outputs: Any) -> Any:
         """What the model returns, from the graph's flat outputs."""
         return pytree.tree_unflatten(list(outputs), self.out_spec)
-
-
-def _rebind(leaves: list[Any], spec: pytree.TreeSpec, expected: pytree.TreeSpec) -> list[Any]:
-    """Accept the same inputs passed in another (positional/keyword) form when unambiguous."""
-    raise BadInputError(
-        f"the planned model was captured for calls shaped {_call_shape(expected)}; found a call "
-        f"shaped {_call_shape(spec)}; call it the way example_batch's inputs were given")
 
 
 def _call_shape(spec: pytree.TreeSpec) -> str:
@@ -268,7 +264,8 @@ def capture(model: nn.Module, inputs: Any) -> Captured:
     was_training = model.training
     model.train()  # a plan is for training steps: dropout and batch statistics on
     try:
-        with _quiet_export(), _checkpoint_inlined():
+        notes: list[str] = []
+        with _quiet_export(), _checkpoint_inlined(notes):
             exported = torch.export.export(model, call.args, call.kwargs, strict=False)
     except (BadInputError, TraceError):
         raise
@@ -280,8 +277,6 @@ def capture(model: nn.Module, inputs: Any) -> Captured:
     # a plain GraphModule over the same graph: it reads the same parameter and buffer
     # objects, and (unlike export's unlifted module) accepts train()/eval() calls
     graph_module = torch.fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
-    notes = list(_CHECKPOINT_NOTES)
-    _CHECKPOINT_NOTES.clear()
     # the flat calling convention: placeholders are the leaves of (args, kwargs)
     in_spec, out_spec = unlifted._in_spec, unlifted._out_spec
     for attribute in ("_in_spec", "_out_spec"):  # copied over; ours live in Captured
@@ -332,11 +327,8 @@ def _hoist_counter_updates(graph: torch.fx.Graph) -> None:
         first.prepend(node)
 
 
-_CHECKPOINT_NOTES: list[str] = []
-
-
 @contextlib.contextmanager
-def _checkpoint_inlined() -> Iterator[None]:
+def _checkpoint_inlined(notes: list[str]) -> Iterator[None]:
     """Run ``torch.utils.checkpoint`` calls inside the model as plain calls while capturing.
 
     fedplan decides recomputation for the whole graph; a model's own checkpoint call is
@@ -351,8 +343,8 @@ def _checkpoint_inlined() -> Iterator[None]:
         what = getattr(function, "__qualname__", None) or type(function).__name__
         note = (f"model calls torch.utils.checkpoint on {what}; "
                 f"fedplan captures through it and decides recomputation for the whole graph")
-        if note not in _CHECKPOINT_NOTES:
-            _CHECKPOINT_NOTES.append(note)
+        if note not in notes:
+            notes.append(note)
         for key in ("use_reentrant", "context_fn", "determinism_check", "debug",
                     "preserve_rng_state"):
             kwargs.pop(key, None)
