@@ -32,26 +32,21 @@ import fedplan
 from fedplan.analysis import trace
 from fedplan.fl.data import load_dataset
 from fedplan.modelfile import load_model_file
-from fedplan.planner.candidates import plan_space
 from fedplan.planner.compression import eligible
 from fedplan.planner.simulate import simulate
-from fedplan.planner.solvers import SolverOptions, last_readers, minimum_peak
+from fedplan.planner.solvers import SolverOptions, minimum_peak
 
 FORCED = ("8", "4", "2", "mixed4", "mixed3")
 
 
 def forced_plan(base_plan, analysis, option):
-    space = plan_space(analysis.graph, analysis.costs)
-    last = {n: group[-1] for group in space.groups for n in group}
     names = list(eligible(analysis.graph, analysis.costs))
     decisions = dict(base_plan.decisions)
     for name in names:
         decisions[name] = f"compress:{option}"
     peak = simulate(analysis.graph, analysis.costs, decisions).peak_bytes
     return replace(base_plan, decisions=tuple(decisions.items()), predicted_peak_bytes=peak,
-                   solver=f"all-{option}",
-                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n),
-                   unpin_after=last_readers(analysis.graph, analysis.costs, decisions))
+                   solver=f"all-{option}")
 
 
 def train(spec, base, plan, data, args):

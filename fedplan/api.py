@@ -21,6 +21,7 @@ from fedplan.planner.capture import (
 from fedplan.planner.errors import BadInputError, BudgetInfeasibleError
 from fedplan.planner.optimizers import check_optimizer, make_optimizer
 from fedplan.planner.plan import Plan
+from fedplan.planner.program import lower, program_of
 from fedplan.planner.simulate import simulate
 from fedplan.planner.solvers import BASELINES, SolverOptions, solve
 from fedplan.planner.trace import structure_fingerprint
@@ -173,7 +174,9 @@ def compile(model: nn.Module, example_inputs: Any, targets: Any = None, *, budge
                             options=options, compress=compress, min_bits=min_bits,
                             repeats=repeats, verify=verify, decisions=decisions,
                             progress=progress)
-    return PlannedModule(model, analysis.captured, result)
+    return PlannedModule(model, analysis.captured, result,
+                         schedule=lower(program_of(analysis.graph, analysis.costs),
+                                        result.decision_map))
 
 
 def apply(model: nn.Module, plan_or_path: Plan | str | os.PathLike,

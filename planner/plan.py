@@ -23,8 +23,10 @@ from .errors import BadInputError, PlanMismatchError
 from .step import StepChoice
 
 # 2: plans are made for torch.export captures (node names are ATen-level) and carry the
-# model's input signature
-SCHEMA_VERSION = 2
+# model's input signature; 3: decisions only (the runtime's pack and unpin points are
+# lowered again from them, planner.program), so a version-2 file reads as well
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 KEEP = "keep"
 RECOMPUTE = "recompute"
 
@@ -50,11 +52,6 @@ class Plan:
     breakdown: Mapping[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = ()
-    # compressed node -> the node after which its storage is packed (the last node of its
-    # decision unit, so that in-place ops tied to it have run); absent: the node itself
-    pack_after: tuple[tuple[str, str], ...] = ()
-    # compressed node -> the last node that reads its storage in forward (runtime.compress)
-    unpin_after: tuple[tuple[str, str], ...] = ()
     # shapes and dtypes of the model's inputs (planner.capture.input_signature): lets a
     # saved plan capture its model again without the user's data
     inputs: Mapping[str, Any] = field(default_factory=dict)
@@ -106,8 +103,6 @@ class Plan:
         data["decisions"] = dict(self.decisions)
         data["breakdown"] = dict(self.breakdown)
         data["notes"] = list(self.notes)
-        data["pack_after"] = dict(self.pack_after)
-        data["unpin_after"] = dict(self.unpin_after)
         data["inputs"] = dict(self.inputs)
         data["step"] = dict(self.step)
         data.pop("decision_map", None)
@@ -119,7 +114,7 @@ class Plan:
             raise BadInputError(f"{source}: expected a JSON object; found "
                                 f"{type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise PlanMismatchError(
                 f"{source}: plan schema version {version!r}; this fedplan reads version "
                 f"{SCHEMA_VERSION}; re-run `fedplan compile` to make a new plan")
@@ -141,10 +136,6 @@ class Plan:
                 solve_seconds=float(data["solve_seconds"]),
                 breakdown={str(k): int(v) for k, v in dict(data.get("breakdown", {})).items()},
                 notes=tuple(str(n) for n in data.get("notes", ())),
-                pack_after=tuple((str(k), str(v))
-                                 for k, v in dict(data.get("pack_after", {})).items()),
-                unpin_after=tuple((str(k), str(v))
-                                  for k, v in dict(data.get("unpin_after", {})).items()),
                 inputs=dict(data.get("inputs", {})),
                 step=_step_json(StepChoice.from_json(data.get("step"))))
         except (KeyError, TypeError, ValueError) as exc:

@@ -28,11 +28,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .costmodel import LOSS, CostModel
+from .candidates import COMPUTE_OPS
+from .costmodel import CostModel
 from .ir import PlanGraph
-from .packing import packed_sizes
+from .program import Schedule, lower, program_of, regions
 
-COMPUTE_OPS = ("call_module", "call_function", "call_method")
 CATEGORIES = ("parameters", "optimizer_state", "inputs", "gradients", "saved_activations",
               "temporaries")
 
@@ -61,24 +61,8 @@ class Timeline:
 
 
 def regions_of(graph: PlanGraph, decisions: Mapping[str, str]) -> list[list[str]]:
-    """Maximal runs of consecutive ``recompute`` compute nodes, in topological order.
-
-    ``get_attr`` nodes do not break a run (they compute nothing).
-    """
-    regions: list[list[str]] = []
-    current: list[str] = []
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            continue
-        if node.op in COMPUTE_OPS and decisions.get(node.name, "keep") == "recompute":
-            current.append(node.name)
-        else:
-            if current:
-                regions.append(current)
-            current = []
-    if current:
-        regions.append(current)
-    return regions
+    """The checkpoint regions of ``decisions`` on ``graph`` (``planner.program.regions``)."""
+    return regions([n.name for n in graph.nodes if n.op in COMPUTE_OPS], decisions)
 
 
 class _Memory:
@@ -144,50 +128,26 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
       (a second or later micro-batch: the earlier ones left them to accumulate into), so
       backward accumulates into them.
     """
-    decisions = dict(decisions or {})
-    packed = packed_sizes(costs, decisions)
-    packed.update(packed_bytes or {})
+    schedule = lower(program_of(graph, costs), decisions or {}, packed_bytes)
+    return walk(schedule, optimizer_in_backward=optimizer_in_backward,
+                gradients_held=gradients_held)
+
+
+def walk(schedule: Schedule, *, optimizer_in_backward: bool = False,
+         gradients_held: bool = False) -> Timeline:
+    """Replay the step ``schedule`` lowers (see ``simulate`` for the step-level flags)."""
+    program = schedule.program
+    costs = program.costs
+    packed = schedule.packed
     node_cost = costs.node
     storage = costs.storage
-    order = [n.name for n in graph.nodes if n.op in COMPUTE_OPS] + [LOSS]
-    region_of: dict[str, int] = {}
-    regions = regions_of(graph, decisions)
-    for index, members in enumerate(regions):
-        for name in members:
-            region_of[name] = index
-
-    # Which storages each node reads in forward (through any alias).
-    reads: dict[str, set[str]] = {}
-    for node in graph.nodes:
-        keys = set()
-        for inp in node.inputs:
-            keys.update(node_cost[inp].outputs if inp in node_cost else ())
-        reads[node.name] = keys
-    output_reads = reads[graph.nodes[-1].name]
-    reads[LOSS] = set(output_reads)
-    last_read: dict[str, int] = {}
-    for position, name in enumerate(order):
-        for key in reads.get(name, ()):
-            last_read[key] = position
-
-    # Retention for backward: who holds each storage after the forward, and until when.
-    holders: dict[str, set[str]] = {}
-    region_keys: list[set[str]] = []
-    for name in order:
-        if name in region_of:
-            continue
-        for key in node_cost[name].saved:
-            holders.setdefault(key, set()).add(name)
-    for index, members in enumerate(regions):
-        member_set = set(members)
-        region_inputs = set()
-        for name in members:
-            for inp in graph.node(name).inputs:
-                if inp not in member_set:
-                    region_inputs.update(node_cost[inp].outputs if inp in node_cost else ())
-        region_keys.append(region_inputs)
-        for key in region_inputs:
-            holders.setdefault(key, set()).add(f"region:{index}")
+    order = program.order
+    region_of = schedule.region_of
+    regions = schedule.regions
+    reads = program.reads
+    last_read = program.last_read
+    holders = {key: set(held) for key, held in schedule.holders.items()}
+    region_keys = schedule.region_inputs
 
     memory = _Memory()
     fixed = {"parameters": costs.param_bytes + costs.buffer_bytes,
@@ -243,15 +203,11 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
     if gradients_held:
         for param, size in param_sizes.items():
             memory.alloc(f"param_grad:{param}", size, "gradients")
-    completes_at: dict[str, str] = {}   # parameter -> node whose backward completes its grad
-    if optimizer_in_backward:
-        for name in order:
-            for param in node_cost[name].params:
-                completes_at.setdefault(param, name)
+    # parameter -> node whose backward completes its grad
+    completes_at = program.param_completes_at if optimizer_in_backward else {}
     total_param_bytes = max(sum(param_sizes.values()), 1)
     started_regions: set[int] = set()
-    node_bytes = {node.name: node.output_bytes for node in graph.nodes}
-    output_inputs = graph.nodes[-1].inputs
+    node_bytes = program.output_bytes
     for position in range(len(order) - 1, -1, -1):
         name = order[position]
         cost = node_cost[name]
@@ -278,11 +234,11 @@ def simulate(graph: PlanGraph, costs: CostModel, decisions: Mapping[str, str] | 
             continue
         # gradients flowing into this node's inputs
         accumulate = 0
-        targets = output_inputs if name == LOSS else graph.node(name).inputs
+        targets = program.inputs_of[name]
         for inp in targets:
             if inp not in node_cost or not node_cost[inp].requires_grad:
                 continue
-            if graph.node(inp).op in ("placeholder", "get_attr"):
+            if program.op[inp] in ("placeholder", "get_attr"):
                 continue
             size = node_bytes[inp]
             if inp in grads and inp in shared:

@@ -39,6 +39,8 @@ from torch.utils.checkpoint import checkpoint
 from fedplan.planner.capture import Captured
 from fedplan.planner.errors import BadInputError
 from fedplan.planner.plan import RECOMPUTE, Plan
+from fedplan.planner.program import Schedule
+from fedplan.planner.program import regions as plan_regions
 
 from .compress import CompressionSession, active, insert_marks
 
@@ -102,23 +104,28 @@ class RecomputeRegion(nn.Module):
 
 def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, str]
                   ) -> tuple[torch.fx.GraphModule, int]:
-    """Split by decision runs and wrap the recompute runs; returns (program, regions)."""
+    """Split at the plan's checkpoint regions (``planner.program.regions``, the one
+    definition of a region) and wrap them; returns (program, regions)."""
+    compute = [node for node in graph_module.graph.nodes if node.op in COMPUTE_OPS]
+    marks = {node.name for node in compute if node.name not in decisions
+             and node.op == "call_function"
+             and getattr(node.target, "__name__", "") in ("_mark", "_unpin")}
+    region_of = {name: index for index, members in enumerate(
+        plan_regions([node.name for node in compute if node.name not in marks], decisions))
+        for name in members}
     partition: dict[str, int] = {}
     kinds: dict[int, str] = {}
     current, last = 0, None
-    for node in graph_module.graph.nodes:
-        if node.op not in COMPUTE_OPS:
-            continue
-        if node.name not in decisions and last is not None and node.op == "call_function" \
-                and getattr(node.target, "__name__", "") in ("_mark", "_unpin"):
+    for node in compute:
+        if node.name in marks and last is not None:
             partition[node.name] = current  # compression bookkeeping: with the node before
             continue
-        kind = RECOMPUTE if decisions.get(node.name) == RECOMPUTE else "keep"
+        kind = ("region", region_of[node.name]) if node.name in region_of else "keep"
         if last is not None and kind != last:
             current += 1
         last = kind
         partition[node.name] = current
-        kinds[current] = kind
+        kinds[current] = RECOMPUTE if kind != "keep" else "keep"
     if not any(kind == RECOMPUTE for kind in kinds.values()):
         return graph_module, 0
     program = split_module(graph_module, graph_module, lambda node: partition[node.name],
@@ -142,6 +149,34 @@ def build_program(graph_module: torch.fx.GraphModule, decisions: Mapping[str, st
     return program, regions
 
 
+def derived_schedule(captured: Captured, plan: Plan) -> Schedule:
+    """The plan lowered on the captured model's step program, for a caller that has no
+    analysis (a saved plan applied to a model): the storage facts (aliases, in-place ops,
+    readers) are measured once on zero inputs of the captured shapes, under a loss that
+    sums the outputs (the loss's own costs play no part in the runtime's schedule)."""
+    from fedplan.planner.cost import measure_costs
+    from fedplan.planner.program import lower, program_of
+    from fedplan.planner.trace import build_plan_graph
+
+    graph_module = copy.deepcopy(captured.graph_module)
+    inputs = []
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"the captured input {node.name} has no recorded shape; "
+                                 f"pass the plan's schedule to PlannedModule")
+            inputs.append(torch.zeros(value.shape, dtype=value.dtype))
+    graph = build_plan_graph(copy.deepcopy(graph_module), inputs)
+
+    def summed(outputs, _targets):
+        leaves = [o for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        return sum(o.float().sum() for o in leaves)
+
+    costs = measure_costs(graph_module, graph, inputs, None, summed, repeats=1)
+    return lower(program_of(graph, costs), plan.decision_map)
+
+
 def _attribute(module: nn.Module, qualified: str):
     for part in qualified.split("."):
         module = getattr(module, part)
@@ -151,7 +186,12 @@ def _attribute(module: nn.Module, qualified: str):
 class PlannedModule(nn.Module):
     """The user's model, running a plan; drop-in for the original in a training loop."""
 
-    def __init__(self, model: nn.Module, captured: Captured, plan: Plan):
+    def __init__(self, model: nn.Module, captured: Captured, plan: Plan,
+                 schedule: Schedule | None = None):
+        """``schedule``: the plan lowered on the model's step program
+        (``planner.program.lower``), whose pack and unpin points a plan that compresses
+        needs; ``fedplan.compile`` passes it, otherwise it is derived again
+        (:func:`derived_schedule`)."""
         super().__init__()
         graph_module = captured.graph_module
         for name, child in model.named_children():
@@ -166,11 +206,13 @@ class PlannedModule(nn.Module):
         object.__setattr__(self, "_model", model)
         self.compressed = len(plan.compressed)
         if self.compressed:
+            if schedule is None:
+                schedule = derived_schedule(captured, plan)
             # marks go into a copy of the graph (the caller's graph module is shared)
             graph_module = torch.fx.GraphModule(graph_module,
                                                 copy.deepcopy(graph_module.graph))
-            insert_marks(graph_module, plan.decision_map, dict(plan.pack_after),
-                         dict(plan.unpin_after))
+            insert_marks(graph_module, plan.decision_map, dict(schedule.pack_after),
+                         dict(schedule.unpin_after))
         program, regions = build_program(graph_module, plan.decision_map)
         # kept outside the module tree: its modules are ours already, registered above
         object.__setattr__(self, "_program", program)

@@ -13,11 +13,9 @@ from torch import nn
 import fedplan
 from fedplan.analysis import trace
 from fedplan.modelfile import load_model_file
-from fedplan.planner.candidates import plan_space
 from fedplan.planner.compression import OPTIONS, eligible, option_of
 from fedplan.planner.plan import Plan
 from fedplan.planner.simulate import simulate
-from fedplan.planner.solvers import last_readers
 from fedplan.runtime.compress import CompressionSession, _Saved
 
 from .test_cli_profile import assert_one_line_error, run_cli
@@ -107,15 +105,11 @@ def _forced(analysis, option, names=None):
     """A plan compressing ``names`` (default: every eligible node) at ``option``."""
     plan, _ = fedplan.plan(analysis.graph_module, torch.zeros(1), budget=10**12, solver="none",
                            analysis=analysis, verify=False, compress=False)
-    space = plan_space(analysis.graph, analysis.costs)
-    last = {n: group[-1] for group in space.groups for n in group}
     names = list(eligible(analysis.graph, analysis.costs) if names is None else names)
     decisions = dict(plan.decisions)
     for name in names:
         decisions[name] = f"compress:{option}"
-    return replace(plan, decisions=tuple(decisions.items()),
-                   pack_after=tuple((n, last[n]) for n in names if last.get(n, n) != n),
-                   unpin_after=last_readers(analysis.graph, analysis.costs, decisions))
+    return replace(plan, decisions=tuple(decisions.items()))
 
 
 def _grads(module, inputs, targets):
@@ -252,7 +246,9 @@ def test_plan_with_compression_round_trips_through_json(tmp_path):
     path = plan.save(tmp_path / "p.json")
     loaded = Plan.load(path)
     assert loaded == plan
-    assert json.loads(path.read_text())["pack_after"] == dict(plan.pack_after)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 3  # decisions only: no runtime side tables
+    assert "pack_after" not in data and "unpin_after" not in data
     assert set(OPTIONS) == {"8", "4", "2", "mixed4", "mixed3"}
 
 

@@ -27,7 +27,6 @@ from .base import (
     SolveResult,
     SolverOptions,
     get_solver,
-    last_readers,
     overhead_seconds,
     register,
     solver_names,
@@ -89,10 +88,6 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         if option_of(decision) is not None and not options.compress:
             raise SolverError(f"solver {solver!r} compressed {name!r} although compression "
                               f"is off; this is a bug in fedplan, please report it")
-    last_of_unit = {name: group[-1] for group in space.groups for name in group}
-    pack_after = tuple((name, last_of_unit[name]) for name, decision in decisions.items()
-                       if option_of(decision) is not None
-                       and last_of_unit.get(name, name) != name)
     timeline = simulate(graph, costs, decisions)
     if timeline.peak_bytes > target:
         raise SolverError(
@@ -107,8 +102,7 @@ def solve(graph: PlanGraph, costs: CostModel, budget_bytes: int, *, solver: str 
         predicted_overhead_seconds=overhead_seconds(costs, decisions),
         keep_all_peak_bytes=keep_all.peak_bytes, solver=solver, status=result.status,
         objective=result.objective, bound=result.bound, solve_seconds=seconds,
-        breakdown=timeline.breakdown, notes=result.notes, pack_after=pack_after,
-        unpin_after=last_readers(graph, costs, decisions))
+        breakdown=timeline.breakdown, notes=result.notes)
 
 
 def run_solver(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,

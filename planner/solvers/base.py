@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..costmodel import CostModel
 from ..errors import BadInputError
 from ..ir import PlanGraph
-from ..packing import compress_seconds, option_of
+from ..packing import compress_seconds
 
 
 class NoPlanFound(Exception):  # noqa: N818 - a signal between a solver and solve(), not an error
@@ -105,20 +105,3 @@ def overhead_seconds(costs: CostModel, decisions: dict[str, str]) -> float:
     return sum(costs.node[name].forward_seconds
                for name, decision in decisions.items()
                if decision == "recompute") + compress_seconds(costs, decisions)
-
-
-def last_readers(graph: PlanGraph, costs: CostModel, decisions: dict[str, str]
-                 ) -> tuple[tuple[str, str], ...]:
-    """For each compressed node, the last compute node that reads its storage in forward."""
-    storage_of = {item.node: item.storage for item in costs.compress}
-    wanted = {storage_of[name]: name for name, decision in decisions.items()
-              if option_of(decision) is not None and name in storage_of}
-    last: dict[str, str] = {}
-    for node in graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        for inp in node.inputs:
-            for key in costs.node[inp].outputs if inp in costs.node else ():
-                if key in wanted:
-                    last[wanted[key]] = node.name
-    return tuple(sorted(last.items()))

@@ -36,6 +36,7 @@ from ..costmodel import LOSS, CostModel
 from ..errors import SolverError
 from ..ir import PlanGraph
 from ..packing import allowed_options
+from ..program import program_of
 from ..simulate import simulate
 from ._cpsat import CpSatModel
 from .base import NoPlanFound, SolveResult, SolverOptions, overhead_seconds, register
@@ -174,31 +175,18 @@ def coarse_units(graph: PlanGraph, costs: CostModel, max_units: int) -> dict[str
 
 def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = None,
            options: SolverOptions | None = None) -> _Facts:
-    space = plan_space(graph, costs)
-    order = list(space.order)
-    position = {name: i for i, name in enumerate(order)}
+    program = program_of(graph, costs)
+    space = program.space
+    order = list(program.order)
+    position = dict(program.position)
     node_cost = costs.node
-    storage = costs.storage
-    inputs_of = {node.name: node.inputs for node in graph.nodes}
-    inputs_of[LOSS] = graph.nodes[-1].inputs
-    sizes = {k: storage[k].nbytes / KIB for k in storage if storage[k].kind != "input"}
-    producer = {k: position[storage[k].producer] for k in sizes}
-    end_read = dict(producer)
-    readers: dict[str, list[tuple[int, int]]] = {k: [] for k in sizes}
-    for name in order:
-        for inp in inputs_of[name]:
-            provider = position.get(inp)
-            for key in node_cost[inp].outputs if inp in node_cost else ():
-                if key in sizes:
-                    end_read[key] = max(end_read[key], position[name])
-                    if provider is not None:
-                        readers[key].append((provider, position[name]))
-    savers: dict[str, list[int]] = {k: [] for k in sizes}
-    for name in order:
-        for key in node_cost[name].saved:
-            if key in savers:
-                savers[key].append(position[name])
-    free_from = {k: min(savers[k] + [producer[k] + 1]) for k in sizes}
+    inputs_of = program.inputs_of
+    sizes = {key: nbytes / KIB for key, nbytes in program.size.items()}
+    producer = dict(program.producer)
+    end_read = dict(program.end_read)
+    readers = {key: list(found) for key, found in program.readers.items()}
+    savers = {key: list(found) for key, found in program.savers.items()}
+    free_from = dict(program.free_from)
 
     n = len(order)
     forward_extra = []
@@ -216,25 +204,10 @@ def _facts(graph: PlanGraph, costs: CostModel, unit_of: dict[str, int] | None = 
 
     # gradients: the grad of u lives from its last consumer's backward to u's own
     requires = {name: node_cost[name].requires_grad for name in order}
-    grad_span: dict[str, int] = {}
-    op_of = {node.name: node.op for node in graph.nodes}
-    for name in order:
-        if not requires[name]:
-            continue
-        for inp in inputs_of[name]:
-            if inp in position and requires.get(inp) and op_of.get(inp) in (
-                    "call_module", "call_function", "call_method"):
-                grad_span[inp] = max(grad_span.get(inp, -1), position[name])
-    output_bytes = {node.name: node.output_bytes / KIB for node in graph.nodes}
+    grad_span = program.grad_span
+    output_bytes = {name: nbytes / KIB for name, nbytes in program.output_bytes.items()}
     param_size = {key: nbytes / KIB for key, nbytes in costs.params}
-    param_last: dict[str, int] = {}
-    param_users: dict[str, int] = {}
-    for name in order:
-        if not requires[name]:
-            continue
-        for param in node_cost[name].params:
-            param_last[param] = max(param_last.get(param, -1), position[name])
-            param_users[param] = param_users.get(param, 0) + 1
+    param_last = program.param_last
     backward_base = [0.0] * n
     backward_extra = [0.0] * n
     # Gradient buffers: the grad of u is made by its last consumer c = grad_span[u]; if
