@@ -1,23 +1,11 @@
-"""``ilp``: an integer program over keep/recompute decisions, solved with OR-Tools.
+"""``ilp``: the integer program over keep/recompute/compress decisions (OR-Tools).
 
-Variables (one per decision unit, see ``planner.candidates``):
-
-* ``r[g]`` in {0, 1}: the unit is recomputed (runs in a checkpoint region);
-* ``h[k]`` in [0, 1]: storage ``k`` is retained for backward (its saver is kept, or it
-  is the input of a region); the objective never rewards ``h``, so it is 1 exactly when a
-  constraint forces it;
-* ``z[u, c]`` in [0, 1]: producer ``u`` and consumer ``c`` lie in one region (every node
-  from ``u`` to ``c`` recomputed);
-* ``a[i]`` >= 0: bytes recomputed for the region around position ``i`` that are live when
-  backward reaches ``i`` (a running sum that restarts at every kept node);
-* prefix sums ``Rf`` and ``Rb`` of retained bytes in forward and backward order, so each
-  memory constraint has a constant number of terms and the model stays linear in size.
-
-Constraints: a memory inequality at every forward position, every backward position and
-at every region's recomputation, each an upper bound on what the simulator replays (the
-backward bounds free a retained storage only once backward passes its producer, which is
-never earlier than the runtime frees it). Objective: minimise the seconds of forward work
-recomputed. Bytes are scaled to KiB and seconds to milliseconds for the backend.
+This module gathers the ILP's constants from the step program (``_facts``: positions,
+sizes in KiB, retention reasons, gradient spans, compression items), coarsens the decision
+units of very large graphs, and runs the one model (``ilp_model``, its variables and
+constraints documented there) on the backend the options name, through a thin adapter
+(``ilp_backends``): CBC (default), HiGHS, SCIP or CP-SAT. A warm start from the greedy,
+then a local search judged by the simulator, frame the solve.
 
 The result is then checked by the simulator like every solver's; because the model is an
 upper bound, the check passes unless the model has a bug.
@@ -29,8 +17,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ortools.linear_solver import pywraplp
-
 from ..candidates import plan_space
 from ..costmodel import LOSS, CostModel
 from ..errors import SolverError
@@ -38,9 +24,9 @@ from ..ir import PlanGraph
 from ..packing import allowed_options
 from ..program import program_of
 from ..simulate import simulate
-from ._cpsat import CpSatModel
 from .base import NoPlanFound, SolveResult, SolverOptions, overhead_seconds, register
 from .greedy import greedy_decisions
+from .ilp_model import IlpModel
 from .refine import refine
 
 KIB = 1024.0
@@ -297,259 +283,9 @@ def _compress_items(costs, options, unit_of, position, sizes, producer, end_read
     return items
 
 
-class _Model:
-    """The MIP: built once for a budget (or to minimise the peak when budget is None)."""
-
-    def __init__(self, facts: _Facts, costs: CostModel, budget_bytes: int | None,
-                 options: SolverOptions):
-        self.facts = facts
-        solver = pywraplp.Solver.CreateSolver(options.backend)
-        if solver is None:
-            raise SolverError(f"OR-Tools backend {options.backend!r} is not available; "
-                              f"use HIGHS, SCIP, CBC or CP_SAT")
-        solver.SuppressOutput()
-        self.solver = solver
-        self.backend = options.backend
-        infinity = solver.infinity()
-        order = facts.order
-        n = len(order)
-        unit_count = max(facts.unit_of.values(), default=-1) + 1
-        self.r = [solver.BoolVar(f"r_{g}") for g in range(unit_count)]
-
-        def r_at(i: int):
-            unit = facts.unit_of.get(order[i])
-            return None if unit is None else self.r[unit]
-
-        budget = (solver.NumVar(0, infinity, "peak") if budget_bytes is None
-                  else budget_bytes / KIB)
-        self.peak_var = budget if budget_bytes is None else None
-
-        # every region holds its saved RNG state: count region starts
-        starts = []
-        for i in range(n):
-            r = r_at(i)
-            if r is None:
-                continue
-            before = r_at(i - 1) if i > 0 else None
-            start = solver.NumVar(0, 1, f"start_{i}")
-            solver.Add(start >= r - (before if before is not None else 0))
-            starts.append(start)
-        fixed = facts.fixed
-        if starts and facts.region_kib > 0:
-            # one variable, not the sum inlined into every memory row (quadratic size)
-            regions = solver.NumVar(0, infinity, "regions")
-            solver.Add(regions == facts.region_kib * solver.Sum(starts))
-            fixed = facts.fixed + regions
-
-        # retention h[k]: 1 if a kept saver holds k, or k feeds a region from outside it
-        h: dict[str, object] = {}
-        for key, why in facts.retention.items():
-            if why.always or why.never:
-                h[key] = 1.0 if why.always else 0.0
-                continue
-            var = solver.NumVar(0, 1, f"h_{key}")
-            h[key] = var
-            for unit in why.savers:
-                solver.Add(var >= 1 - self.r[unit])  # a kept saver holds it for backward
-            for index, (reader, span) in enumerate(why.region_inputs):
-                if span is None:  # the reader's region starts after the provider
-                    solver.Add(var >= self.r[reader])
-                    continue
-                same = solver.NumVar(0, 1, f"z_{key}_{index}")
-                for unit in span:
-                    solver.Add(same <= self.r[unit])  # one region: every node recomputes
-                solver.Add(var >= self.r[reader] - same)  # a region saves outside inputs
-
-        # compression, as in _cpsat.py: c[node, option], packed while held for backward
-        self.c: dict[tuple[str, str], object] = {}
-        saving: dict[str, list] = {}
-        forward_delta = [[] for _ in range(n + 2)]
-        backward_delta = [[] for _ in range(n + 2)]
-        region_fresh = [[] for _ in range(n + 2)]
-        compress_ms = []
-        for item in facts.compress:
-            held = h[item.key]
-            if isinstance(held, float) and held == 0.0:
-                continue
-            literals = []
-            full = facts.size[item.key]
-            for name, packed, micros, _error in item.options:
-                var = solver.BoolVar(f"c_{item.node}_{name}")
-                self.c[item.node, name] = var
-                literals.append(var)
-                if not isinstance(held, float):
-                    solver.Add(var <= held)
-                saving.setdefault(item.key, []).append((full - packed, var))
-                forward_delta[item.producer].append((packed, var))
-                forward_delta[item.end_read + 1].append((-packed, var))
-                backward_delta[item.producer].append((full, var))  # next to the packed
-                backward_delta[item.last_use + 1].append((-full, var))
-                compress_ms.append((micros / 1e3, var))
-                for reader in item.readers:  # a recomputed reader's region unpacks it
-                    region_fresh[reader].append((full, var))
-            if literals:
-                unit = [self.r[item.unit]] if item.unit is not None else []
-                solver.Add(solver.Sum(literals + unit) <= 1)
-
-        def running(deltas, label):
-            values, current = [], 0.0
-            for i in range(n):
-                if deltas[i]:
-                    var = solver.NumVar(0, infinity, f"{label}_{i}")
-                    solver.Add(var == current + solver.Sum(k * v for k, v in deltas[i]))
-                    current = var
-                values.append(current)
-            return values
-
-        packed_forward = running(forward_delta, "P")
-        unpacked_backward = running(backward_delta, "U")
-
-        def retained(keys):
-            constant = 0.0
-            variables = []
-            for key in keys:
-                value = h[key]
-                if isinstance(value, float):
-                    constant += value * facts.size[key]
-                else:
-                    variables.append(facts.size[key] * value)
-                variables.extend(-k * v for k, v in saving.get(key, ()))
-            return constant, variables
-
-        # forward: storages still to be read are live; older ones only if retained
-        by_end: dict[int, list[str]] = {}
-        live_delta = [0.0] * (n + 1)
-        for key in facts.storages:
-            by_end.setdefault(facts.end_read[key], []).append(key)
-            live_delta[facts.producer[key] + 1] += facts.size[key]
-            live_delta[facts.end_read[key] + 1] -= facts.size[key]
-        live = 0.0
-        previous = None
-        for i in range(n):
-            live += live_delta[i]
-            constant, variables = retained(by_end.get(i - 1, []))
-            prefix = solver.NumVar(0, infinity, f"Rf_{i}")
-            solver.Add(prefix == (previous if previous is not None else 0)
-                       + constant + solver.Sum(variables))  # retained, read before i
-            previous = prefix
-            solver.Add(fixed + live + prefix + packed_forward[i] + facts.forward_extra[i]
-                       <= budget)
-
-        # backward: retained storages are held until backward passes their producer
-        by_free: dict[int, list[str]] = {}
-        for key in facts.storages:
-            by_free.setdefault(facts.free_from[key], []).append(key)
-        temps = [costs.node[name].temp_bytes / KIB for name in order]
-        a_previous = None
-        a_bound = 0.0  # the most a_previous can be: tight big-M for the region chain
-        t_previous = None
-        backward_prefix = []
-        running = None
-        for i in range(n):
-            constant, variables = retained(by_free.get(i, []))
-            prefix = solver.NumVar(0, infinity, f"Rb_{i}")
-            solver.Add(prefix == (running if running is not None else 0)
-                       + constant + solver.Sum(variables))
-            running = prefix
-            backward_prefix.append(prefix)
-        # Rb_i holds the retained storages with free_from <= i: the ones that may still be
-        # live when backward reaches position i.
-        for i in range(n):
-            r = r_at(i)
-            if r is None:
-                a_previous = t_previous = None
-                a_bound = 0.0
-                recomputed = 0
-            else:
-                # a: bytes a region re-materialises up to i (storages produced inside it
-                # and not retained anyway); restarts at every kept node
-                a = solver.NumVar(0, infinity, f"a_{i}")
-                base = a_previous if a_previous is not None else 0
-                fresh = [facts.size[key] * (1 - h[key]) for key in facts.produced[i]]
-                # (when r is 0 the fresh terms are 0 already: the saver is kept, h = 1)
-                # a compressed input of the region is unpacked when it is recomputed
-                fresh += [k * v for k, v in region_fresh[i]]
-                solver.Add(a >= base + solver.Sum(fresh) - a_bound * (1 - r))
-                a_bound += sum(facts.size[key] for key in facts.produced[i])
-                a_bound += sum(k for k, _ in region_fresh[i])
-                # tau: the largest forward temporary of the region so far
-                tau = solver.NumVar(0, infinity, f"tau_{i}")
-                solver.Add(tau >= temps[i] * r)
-                if t_previous is not None:
-                    solver.Add(tau >= t_previous - facts.max_forward_temp * (1 - r))
-                a_previous, t_previous = a, tau
-                recomputed = a
-                # the recomputation itself, when backward enters the region
-                solver.Add(fixed + backward_prefix[i] + a + facts.backward_base[i]
-                           + unpacked_backward[i] + tau <= budget)
-            solver.Add(fixed + backward_prefix[i] + recomputed + facts.backward_base[i]
-                       + unpacked_backward[i] + facts.backward_extra[i] <= budget)
-
-        # objective: recompute seconds (ms), or the peak first when minimising it
-        seconds = {}
-        for name, unit in facts.unit_of.items():
-            seconds[unit] = seconds.get(unit, 0.0) + costs.node[name].forward_seconds * 1e3
-        recompute_ms = solver.Sum([seconds.get(g, 0.0) * self.r[g] for g in range(unit_count)]
-                                  + [k * v for k, v in compress_ms])
-        if budget_bytes is None:
-            solver.Minimize(budget + 1e-6 * recompute_ms)
-        else:
-            solver.Minimize(recompute_ms)
-        solver.SetTimeLimit(int(options.time_limit_seconds * 1000))
-        if options.backend != "CBC":  # CBC here is single-threaded; it prints an error
-            solver.SetNumThreads(options.workers)
-        # HiGHS prints a banner on stdout (which would corrupt --json) unless output_flag
-        # is off; pywraplp reports False for these HiGHS strings but applies them.
-        seeds = {"HIGHS": f"output_flag = false\nrandom_seed = {options.seed}",
-                 "SCIP": f"randomization/randomseedshift = {options.seed}",
-                 "CP_SAT": f"random_seed:{options.seed}"}
-        if options.backend in seeds:
-            solver.SetSolverSpecificParametersAsString(seeds[options.backend])
-
-    def set_time_limit(self, seconds: float) -> None:
-        if self.backend == "CBC":
-            # CBC checks its (CPU-time) limit between phases of its root search: on a
-            # 962-unit ViT it stopped 0.9 s late, whatever the limit; about 1 ms a unit
-            seconds = max(seconds / 2, seconds - 1e-3 * len(self.r))
-        self.solver.SetTimeLimit(int(seconds * 1000))
-
-    def hint(self, decisions: Mapping[str, str], *, complete_seconds: float = 0.0) -> None:
-        """Hint the decisions (the MIP backends complete a hint themselves)."""
-        if self.backend == "HIGHS":
-            # pywraplp's SetHint crashes the HiGHS backend (segfault in Solve, OR-Tools
-            # 9.15.6755, reproduced on a 5-variable model); HiGHS runs without a hint.
-            return
-        values = {}
-        for name, unit in self.facts.unit_of.items():
-            values[unit] = 1.0 if decisions.get(name) == "recompute" else 0.0
-        variables = list(self.r) + list(self.c.values())
-        hints = [values.get(g, 0.0) for g in range(len(self.r))] + [
-            1.0 if decisions.get(node) == f"compress:{name}" else 0.0 for node, name in self.c]
-        self.solver.SetHint(variables, hints)
-
-    def solve(self) -> tuple[str, dict[str, str], float | None, float | None]:
-        """(status, decisions, objective seconds, bound seconds)."""
-        status = self.solver.Solve()
-        names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
-                 pywraplp.Solver.INFEASIBLE: "infeasible",
-                 pywraplp.Solver.MODEL_INVALID: "model_invalid"}
-        state = names.get(status, "unknown")
-        if state not in ("optimal", "feasible"):
-            return state, {}, None, None
-        decisions = {name: "recompute" if self.r[unit].solution_value() > 0.5 else "keep"
-                     for name, unit in self.facts.unit_of.items()}
-        for (node, name), var in self.c.items():
-            if var.solution_value() > 0.5:
-                decisions[node] = f"compress:{name}"
-        objective = self.solver.Objective()
-        return state, decisions, objective.Value() / 1e3, objective.BestBound() / 1e3
-
-
 def _build(facts: _Facts, costs: CostModel, budget_bytes: int | None,
-           options: SolverOptions):
-    if options.backend == "CP_SAT":
-        return CpSatModel(facts, costs, budget_bytes, options)
-    return _Model(facts, costs, budget_bytes, options)
+           options: SolverOptions) -> IlpModel:
+    return IlpModel(facts, costs, budget_bytes, options)
 
 
 def solve_min_peak(graph: PlanGraph, costs: CostModel,
