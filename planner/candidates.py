@@ -78,37 +78,3 @@ def plan_space(graph: PlanGraph, costs: CostModel) -> PlanSpace:
         groups.append(tuple(group))
     return PlanSpace(order=tuple(order) + (LOSS,), groups=tuple(groups),
                      fixed_keep=frozenset(fixed_keep))
-
-
-def articulation_points(graph: PlanGraph, costs: CostModel) -> list[str]:
-    """Compute nodes after which exactly one activation storage (their own) is live.
-
-    These are the cuts between the stages of a model (between ResNet blocks, between
-    the layers of a chain); checkpointing baselines put segment boundaries there.
-    """
-    order = [node.name for node in graph.nodes if node.op in COMPUTE_OPS]
-    position = {name: i for i, name in enumerate(order)}
-    last_read: dict[str, int] = {}
-    storage = costs.storage
-    for node in graph.nodes:
-        reader = position.get(node.name, len(order))
-        for inp in node.inputs:
-            for key in costs.node[inp].outputs if inp in costs.node else ():
-                if storage[key].kind != "input":
-                    last_read[key] = max(last_read.get(key, -1), reader)
-    # sweep: crossing(i) = storages produced at or before i and read after i
-    starts = [0] * (len(order) + 1)
-    for key, last in last_read.items():
-        produced = position.get(storage[key].producer, -1)
-        if produced >= 0 and last > produced:
-            starts[produced] += 1          # crosses every cut from produced ...
-            starts[last] -= 1              # ... up to last - 1
-    cuts = []
-    crossing = 0
-    for i, name in enumerate(order):
-        crossing += starts[i]
-        own = sum(1 for key in costs.node[name].outputs
-                  if last_read.get(key, -1) > i and storage[key].producer == name)
-        if crossing and crossing == own:
-            cuts.append(name)
-    return cuts

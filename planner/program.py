@@ -107,6 +107,29 @@ class StepProgram:
                     span[inp] = max(span.get(inp, -1), i)
         return span
 
+    @cached_property
+    def articulation_points(self) -> tuple[str, ...]:
+        """Compute nodes after which exactly one activation storage (their own) is live:
+        the cuts between the stages of a model (between ResNet blocks, between the layers
+        of a chain), where checkpointing baselines put segment boundaries."""
+        storage = self.costs.storage
+        last = len(self.order) - 1
+        starts = [0] * (last + 1)  # crossing(i): produced at or before i, read after i
+        for key, read in self.last_read.items():
+            produced = self.position.get(storage[key].producer, -1)
+            if storage[key].kind != "input" and produced >= 0 and read > produced:
+                starts[produced] += 1
+                starts[read] -= 1
+        cuts = []
+        crossing = 0
+        for i, name in enumerate(self.order[:-1]):
+            crossing += starts[i]
+            own = sum(1 for key in self.costs.node[name].outputs
+                      if self.last_read.get(key, -1) > i and storage[key].producer == name)
+            if crossing and crossing == own:
+                cuts.append(name)
+        return tuple(cuts)
+
     def schedule(self, decisions: Mapping[str, str] | None = None) -> Schedule:
         return lower(self, decisions or {})
 

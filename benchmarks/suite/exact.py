@@ -29,10 +29,11 @@ import heapq
 import time
 from dataclasses import dataclass, replace
 
-from fedplan.planner.candidates import COMPUTE_OPS, plan_space
+from fedplan.planner.candidates import plan_space
 from fedplan.planner.cost import CostModel
 from fedplan.planner.errors import BadInputError
 from fedplan.planner.ir import PlanGraph
+from fedplan.planner.program import program_of
 from fedplan.planner.simulate import simulate
 
 TINY = 1e-12  # seconds: a plan must be cheaper than the best by more than float rounding
@@ -118,32 +119,18 @@ class _PeakBound:
     """
 
     def __init__(self, graph: PlanGraph, costs: CostModel, space) -> None:
-        self.order = list(space.order)
-        position = {name: i for i, name in enumerate(self.order)}
-        counted = {s.key: s.nbytes for s in costs.storages if s.kind != "input"}
-        self.size = counted
-        node_cost = costs.node
-        self.saved = [tuple(k for k in node_cost[name].saved if k in counted)
+        program = program_of(graph, costs)  # the step's facts, as every solver reads them
+        self.order = list(program.order)
+        position = program.position
+        self.size = dict(program.size)
+        self.saved = [tuple(k for k in costs.node[name].saved if k in self.size)
                       for name in self.order]
-        inputs_of = {node.name: node.inputs for node in graph.nodes}
-        self.inputs = []  # (provider position or -1, storage) of each position's inputs
-        for name in self.order:
-            pairs = []
-            for inp in inputs_of.get(name, ()):
-                for key in node_cost[inp].outputs if inp in node_cost else ():
-                    if key in counted:
-                        pairs.append((position.get(inp, -1), key))
-            self.inputs.append(tuple(pairs))
-        # a node other than get_attr between two compute nodes splits a region
-        self.split_before = [False] * len(self.order)
-        seen_other = False
-        for node in graph.nodes:
-            if node.op in COMPUTE_OPS:
-                if seen_other and node.name in position:
-                    self.split_before[position[node.name]] = True
-                seen_other = False
-            elif node.op != "get_attr":
-                seen_other = True
+        # (provider position, storage) of each position's inputs
+        inputs: list[list[tuple[int, str]]] = [[] for _ in self.order]
+        for key, pairs in program.readers.items():
+            for provider, reader in pairs:
+                inputs[reader].append((provider, key))
+        self.inputs = [tuple(pairs) for pairs in inputs]
         bare = replace(costs, nodes=tuple(replace(cost, saved=()) for cost in costs.nodes))
         self.base: list[int | None] = [None] * len(self.order)
         self.base_forward = 0
@@ -172,7 +159,7 @@ class _PeakBound:
                 q += 1
                 continue
             start = q
-            while q + 1 < frontier and state[q + 1] == "R" and not self.split_before[q + 1]:
+            while q + 1 < frontier and state[q + 1] == "R":
                 q += 1
             for member in range(start, q + 1):
                 for key in self.saved[member]:

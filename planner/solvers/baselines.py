@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 
-from ..candidates import articulation_points, plan_space
+from ..candidates import plan_space
 from ..costmodel import CostModel
 from ..errors import BudgetInfeasibleError
 from ..ir import PlanGraph
+from ..program import program_of
 from ..simulate import simulate
 from .base import SolveResult, SolverOptions, overhead_seconds, register
 
@@ -51,14 +52,14 @@ def solve_none(graph: PlanGraph, costs: CostModel, budget_bytes: int,
 @register("all")
 def solve_all(graph: PlanGraph, costs: CostModel, budget_bytes: int,
               options: SolverOptions) -> SolveResult:
-    cuts = set(articulation_points(graph, costs))
+    cuts = set(program_of(graph, costs).articulation_points)
     return _check(graph, costs, _segment_plan(graph, costs, cuts), budget_bytes, "all")
 
 
 @register("sqrt")
 def solve_sqrt(graph: PlanGraph, costs: CostModel, budget_bytes: int,
                options: SolverOptions) -> SolveResult:
-    cuts = articulation_points(graph, costs)
+    cuts = program_of(graph, costs).articulation_points
     segments = max(1, round(math.sqrt(len(cuts) + 1)))
     step = (len(cuts) + 1) / segments
     chosen = {cuts[min(len(cuts) - 1, int(round(step * k)) - 1)]

@@ -15,9 +15,10 @@ plan still fits. The simulator judges every step, so a plan the greedy returns f
 
 from __future__ import annotations
 
-from ..candidates import PlanSpace, articulation_points, plan_space
+from ..candidates import PlanSpace, plan_space
 from ..costmodel import CostModel
 from ..ir import PlanGraph
+from ..program import program_of
 from ..simulate import simulate
 from .base import NoPlanFound, SolveResult, SolverOptions, overhead_seconds, register
 
@@ -55,7 +56,7 @@ def greedy_decisions(graph: PlanGraph, costs: CostModel, budget_bytes: int, *,
         return space.decisions_from_groups([])
     fitting: list[list[int]] = []
     # 1. segment plans, for up to 40 segment counts spread over 1 .. cuts + 1
-    cuts = articulation_points(graph, costs)
+    cuts = program_of(graph, costs).articulation_points
     for count in _counts(len(cuts) + 1):
         units = _segments(space, cuts, count)
         if peak(units) <= budget_bytes:
@@ -100,7 +101,7 @@ def _counts(largest: int, samples: int = 40) -> list[int]:
 def greedy_min_peak(graph: PlanGraph, costs: CostModel) -> dict[str, str]:
     """The segment plan (over the sampled segment counts) with the lowest simulated peak."""
     space = plan_space(graph, costs)
-    cuts = articulation_points(graph, costs)
+    cuts = program_of(graph, costs).articulation_points
     plans = [space.decisions_from_groups([])] + [
         space.decisions_from_groups(_segments(space, cuts, count))
         for count in _counts(len(cuts) + 1)]
