@@ -115,6 +115,8 @@ def register(commands, parser_class) -> None:
                         help="solver time limit in seconds (default: 30)")
     solver.add_argument("--workers", type=int, default=8, metavar="N",
                         help="solver threads (default: 8)")
+    solver.add_argument("--backend", default="CBC", choices=("CBC", "CP_SAT", "HIGHS", "SCIP"),
+                        help="OR-Tools backend of the ilp solver (default: CBC)")
     solver.add_argument("--exact", type=int, default=0, metavar="N",
                         help="also run the exact reference with at most N simulations "
                              "and report the gap (default: off)")
@@ -149,7 +151,8 @@ def bench_solver_command(args: argparse.Namespace) -> dict[str, Any] | None:
         _generate(path, args.generate, args.seed)
     problem = to_problem(read_node_link(path))
     run = run_solver(problem, args.budget_fraction, solver=args.solver,
-                     time_limit=args.time_limit, workers=args.workers)
+                     time_limit=args.time_limit, workers=args.workers,
+                     backend=args.backend)
     result = run.to_json()
     if args.exact:
         result["exact"] = gap_to_exact(problem, args.budget_fraction,

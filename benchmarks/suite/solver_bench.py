@@ -63,7 +63,7 @@ def check_fraction(fraction: float) -> float:
 
 
 def run_solver(problem: GraphProblem, fraction: float, *, solver: str = "ilp",
-               time_limit: float = 30.0, workers: int = 8) -> SolverRun:
+               time_limit: float = 30.0, workers: int = 8, backend: str = "CBC") -> SolverRun:
     """Solve ``problem`` at ``fraction`` of its no-recompute peak with a registered solver.
 
     The solver function is called directly at the budget (no safety margin: nothing runs
@@ -73,7 +73,8 @@ def run_solver(problem: GraphProblem, fraction: float, *, solver: str = "ilp",
     external = problem.external
     peak_units = no_recompute_peak(external)
     budget_units = int(fraction * peak_units)
-    options = solvers.SolverOptions(time_limit_seconds=time_limit, workers=workers, **NO_MARGIN)
+    options = solvers.SolverOptions(time_limit_seconds=time_limit, workers=workers,
+                                    backend=backend, **NO_MARGIN)
     keep_all = simulate(problem.graph, problem.costs).peak_bytes / RAM_SCALE
     base = problem.base_cost
     common = dict(graph=external.name, nodes=len(external),

@@ -103,13 +103,15 @@ class MipBackend:
             seconds = max(seconds / 2, seconds - 1e-3 * units)
         self.solver.SetTimeLimit(int(seconds * 1000))
 
-    def hint(self, values: list[tuple[object, int]], complete_seconds: float) -> bool:
+    def hint(self, values: list[tuple[object, int]], complete_seconds: float) -> None:
+        """Hint the decisions; the MIP completes a partial hint itself (None: nothing to
+        report)."""
         if self.backend == "HIGHS":
             # pywraplp's SetHint crashes the HiGHS backend (segfault in Solve, OR-Tools
             # 9.15.6755, reproduced on a 5-variable model); HiGHS runs without a hint.
-            return False
+            return None
         self.solver.SetHint([var for var, _ in values], [float(v) for _, v in values])
-        return False  # the MIP completes a partial hint itself
+        return None
 
     def solve(self) -> str:
         status = self.solver.Solve()

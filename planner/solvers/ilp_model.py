@@ -228,10 +228,11 @@ class IlpModel:
     def set_time_limit(self, seconds: float) -> None:
         self.backend.set_time_limit(seconds, self.units)
 
-    def hint(self, decisions: Mapping[str, str], *, complete_seconds: float = 0.0) -> bool:
+    def hint(self, decisions: Mapping[str, str], *, complete_seconds: float = 0.0
+             ) -> bool | None:
         """Hint the decisions (a tied unit recomputes if all its nodes do); CP-SAT
-        completes the hint with a short solve when ``complete_seconds`` > 0. Returns
-        whether the hint was completed."""
+        completes the hint with a short solve when ``complete_seconds`` > 0 and returns
+        whether it did; a MIP backend completes a hint itself (None)."""
         values: dict[int, int] = {}
         for name, unit in self.facts.unit_of.items():
             recompute = 1 if decisions.get(name) == "recompute" else 0
