@@ -9,15 +9,15 @@ MODEL is a name in examples/ (``unet``) or a model file's path; BATCH overrides 
 For each model:
 
 (a) keep-all: the measured peak of one ordinary step (``fedplan.measure``).
-(b) smallest peak: ``fedplan.plan(budget="min", decisions="all", min_bits=2)``; the step
+(b) smallest peak: ``fedplan.plan(budget="min", decisions="all", min_bits=2)``, planned
+    twice (``--no-repeat``: once) to check that it repeats (same budget, same decisions); the step
     decisions and per-activation counts it chose, its predicted peak, the measured peak of
     the planned module with the plan's optimizer (8-bit state when chosen), the measured
     fraction of keep-all and the prediction error. When the planner's own check refuses
     its plan (the real step measured above the budget it set itself), the error is kept
     and the plan is made again with ``verify=False`` so that its peak can still be shown.
-    ``--explicit-microbatch`` adds the same with the decisions named one by one, which
-    lets the planner micro-batch models with BatchNorm (a numerics-changing choice that
-    ``"all"`` leaves out).
+    ``--explicit-microbatch`` adds the same with the decisions named one by one (since
+    ``"all"`` allows micro-batches on BatchNorm models too, the two should agree).
 (c) half budget: ``budget = int(0.5 * keep-all measured peak)``; the whole-step plan with
     the default decisions (``decisions="default"``: recompute, micro-batches where no
     BatchNorm, the optimizer step inside backward) and the best recompute-only plan
@@ -164,6 +164,19 @@ def run_model(model_arg: str, args, say) -> dict:
     say(f"{spec.name}: budget=min, decisions=all")
     rows["min"] = make_plan(spec, model, inputs, targets, budget="min", decisions="all",
                             args=args, say=say)
+    if "plan" in rows["min"] and not args.no_repeat:
+        say(f"{spec.name}: budget=min again (is it repeatable?)")
+        again = make_plan(spec, model, inputs, targets, budget="min", decisions="all",
+                          args=args, say=say)
+        first = rows["min"]["plan"]
+        rows["min"]["repeat"] = {
+            "plan_seconds": again["plan_seconds"],
+            "budget_bytes": again.get("budget_bytes"),
+            "predicted_bytes": again.get("predicted_bytes"),
+            "step": again.get("step"),
+            "same_budget": again.get("budget_bytes") == first.budget_bytes,
+            "same_decisions": "plan" in again
+            and again["plan"].decisions == first.decisions and again["plan"].step == first.step}
     if args.explicit_microbatch:
         say(f"{spec.name}: budget=min, decisions named one by one (micro-batches allowed)")
         rows["min-named"] = make_plan(spec, model, inputs, targets, budget="min",
@@ -244,6 +257,14 @@ def report(result: dict) -> str:
             f"{overhead(timing['cpu_overhead']) if timing else ''} | "
             f"{overhead(timing['wall_overhead']) if timing else ''} |")
     for label, row in result["plans"].items():
+        if "plan_seconds" in row:
+            lines += ["", f"{label}: planned in {row['plan_seconds']:.0f} s"]
+        repeat = row.get("repeat")
+        if repeat:
+            same = "the same" if repeat["same_budget"] else "different"
+            decided = "the same" if repeat["same_decisions"] else "other"
+            lines[-1] += (f"; planned again in {repeat['plan_seconds']:.0f} s: budget "
+                          f"{repeat['budget_bytes']} B ({same}), {decided} decisions")
         if "error" in row:
             lines += ["", f"{label}: `{row['error']}`"]
         if "retry_error" in row:
@@ -264,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explicit-microbatch", action="store_true",
                         help="also plan budget=min with every decision named (micro-batches "
                              "allowed on models with BatchNorm)")
+    parser.add_argument("--no-repeat", action="store_true",
+                        help="plan budget=min once (by default twice, to check it repeats)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--from-json", help="print the tables of a saved --json run and exit")
     args = parser.parse_args(argv)
