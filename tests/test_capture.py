@@ -6,6 +6,7 @@ Hugging Face models are built from small configs (no download, random weights).
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import peft
@@ -140,10 +141,56 @@ def test_lora_counts_gradients_and_optimizer_state_of_the_adapters_only():
 
 
 
-@pytest.mark.xfail(strict=True, reason="known miss (issue 13): the keep-all peak of Llama + "
-                   "LoRA is predicted 2-5 % above the measured one (BERT, GPT-2 and the "
-                   "nanoGPT decoder are within 0.02 %)")
-def test_lora_keep_all_prediction_within_two_percent():
+def test_lora_keep_all_prediction_matches_the_captured_module_within_two_percent():
+    """What fedplan runs (the captured graph, keep-all) is predicted within 2 %."""
+    model = llama_lora()
+    inputs, targets = lm_batch()
+    plan, analysis = fedplan.plan(model, inputs, targets, loss_fn=lm_loss, compress=False,
+                                  budget=10**12, solver="none", repeats=1, verify=False)
+    predicted = simulate(analysis.graph, analysis.costs).peak_bytes
+    unplanned = copy.deepcopy(model)
+    measured = fedplan.measure(
+        fedplan.PlannedModule(unplanned, trace(unplanned, inputs)[0], _keep_all(plan)),
+        inputs, targets, loss_fn=lm_loss, steps=1).peak_bytes
+    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
+
+
+def test_lora_captured_graph_saves_the_mask_and_repeated_keys_eager_does_not():
+    """Why the eager Llama's peak is lower than the captured one's: under torch.export
+    Hugging Face takes its tracing path, which repeats the grouped keys and values to every
+    head for SDPA (saved as (B, heads, T, d)) where eager uses SDPA's grouped-query mode
+    (no copy); on examples/llama_lora.py it also materialises the causal mask per layer
+    ((B, 1, T, T), which eager replaces by is_causal): BENCHMARKS.md has the bytes."""
+    model = llama_lora()
+    inputs, _ = lm_batch()
+    captured, _ = trace(model, inputs)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(run):
+        found = {}
+
+        def pack(tensor):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer not in params:
+                found[pointer] = tuple(tensor.shape)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return collections.Counter(found.values())
+
+    eager = saved(lambda: model(**inputs))
+    exported = saved(lambda: captured.graph_module(*captured.flatten(**inputs)))
+    batch, seq = inputs["input_ids"].shape
+    # 2 layers, 2 heads sharing 1 key/value head of width 16
+    assert exported - eager == {(batch, 2, seq, 16): 4}
+    assert eager - exported == {(batch, 1, seq, 16): 2}
+
+
+@pytest.mark.xfail(strict=True, reason="known miss (issue 13): the eager Llama + LoRA keeps "
+                   "less than the captured graph fedplan runs (see the test above), so its "
+                   "measured keep-all peak is ~5 % below the prediction")
+def test_lora_keep_all_prediction_within_two_percent_of_eager():
     model = llama_lora()
     inputs, targets = lm_batch()
     analysis = fedplan.analyze(model, inputs, targets, loss_fn=lm_loss, repeats=1,
