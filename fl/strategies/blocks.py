@@ -1,14 +1,13 @@
 """Blocks of a model, their output modules, their memory, and the client side of
 block-wise training (shared by ProFL and NeuLite; SmartSplit cuts at the same places).
 
-**Where blocks are.** A model built as an ``nn.Sequential`` is split at its top-level
-children: each boundary passes exactly one tensor from one child to the next, so it is an
-articulation point of the captured graph (every path from the input to the loss goes
-through it). The packaged models (:mod:`fedplan.fl.models`) are built that way; a user's
-model file that is not an ``nn.Sequential`` is refused with a message saying so. Finding
-articulation points in an arbitrary captured graph was not built: the planner's IR is
-being moved from torch.fx to torch.export, and the FL layer reads only fedplan's public
-face.
+**Where blocks are.** A model built as an ``nn.Sequential`` of at least two children is
+split at its top-level children: each boundary passes exactly one tensor from one child to
+the next, so it is an articulation point of the graph. Any other model (a residual CNN
+whose ``forward`` is written by hand, say) is cut at the articulation points of its
+traced graph, grouped by top-level module (:mod:`.partition`): a cut inside a skip
+connection is never offered. Either way a block is a module that shares the user's
+parameters and buffers, so the global state keeps the model's own names.
 
 **Output modules.** Block ``k`` (not the last) gets an output module mapping its output to
 the model's output space: global average pooling and a linear layer for image features
@@ -16,8 +15,8 @@ the model's output space: global average pooling and a linear layer for image fe
 ``(B, T, D)``. The last block ends with the model's own head.
 
 **The global state** of a block-wise federation is the model's ``state_dict`` (names
-``model.<child>...``) plus the output modules' (``heads.<k>...``): one flat dict of named
-arrays, as every message carries.
+``model.<name in the model>``) plus the output modules' (``heads.<k>...``): one flat dict
+of named arrays, as every message carries.
 
 **Memory.** :func:`block_profile` measures every block's keep-all training peak with
 fedplan's planner (the predicted peak of ``fedplan.plan`` at an unlimited budget: weights,
@@ -43,16 +42,18 @@ from ..messages import ClientReply, TrainInstruction, state_from_arrays
 __all__ = ["BlockModel", "block_profile", "blocks_of", "output_module"]
 
 
-def blocks_of(model: nn.Module, strategy: str = "block-wise training") -> list[nn.Module]:
-    """The top-level children of an ``nn.Sequential`` model (see the module doc)."""
-    if not isinstance(model, nn.Sequential) or len(model) < 2:
-        raise BadInputError(
-            f"{strategy} splits the model into blocks at the top-level children of an "
-            f"nn.Sequential; found {type(model).__name__}"
-            + (f" with {len(model)} child" if isinstance(model, nn.Sequential) else "")
-            + "; build the model as nn.Sequential(block1, block2, ...) (the packaged "
-            "models in fedplan.fl.models are)")
-    return list(model)
+def blocks_of(model: nn.Module, strategy: str = "block-wise training",
+              example: torch.Tensor | None = None) -> list[nn.Module]:
+    """The model's blocks (see the module doc): the children of an ``nn.Sequential`` of
+    two or more, else the graph's blocks (:func:`.partition.graph_blocks`), which need an
+    ``example`` input to trace shapes."""
+    if isinstance(model, nn.Sequential) and len(model) >= 2:
+        return list(model)
+    if example is None:
+        raise BadInputError(f"{strategy}: cutting {type(model).__name__} into blocks needs "
+                            "an example input")
+    from .partition import graph_blocks
+    return graph_blocks(model, example, strategy)
 
 
 def output_module(features: torch.Tensor, num_outputs: int) -> nn.Module:
@@ -82,55 +83,65 @@ class BlockModel(nn.Module):
     def __init__(self, spec: ModelSpec, example: torch.Tensor, strategy: str):
         super().__init__()
         self.model = spec.build()
-        blocks = blocks_of(self.model, strategy)
+        # a plain list: the blocks share the model's tensors, and the state keeps the
+        # model's own names (``model.<name>``)
+        self.blocks: list[nn.Module] = blocks_of(self.model, strategy, example)
         heads = []
         with torch.no_grad():
             x = example
-            for block in blocks:
+            for block in self.blocks:
                 x = block(x)
                 heads.append(x)
         outputs = heads[-1]
         num_outputs = outputs.shape[-1]
         self.heads = nn.ModuleList(output_module(h, num_outputs) for h in heads[:-1])
-        self.num_blocks = len(blocks)
+        self.num_blocks = len(self.blocks)
 
     def stage(self, k: int) -> nn.Module:
         """Blocks 0..k and block k's output (the model scored after stage k)."""
-        parts = list(self.model)[:k + 1]
+        parts = self.blocks[:k + 1]
         if k < self.num_blocks - 1:
             parts.append(self.heads[k])
         return nn.Sequential(*parts)
 
     def prefix(self, k: int) -> nn.Module | None:
-        return nn.Sequential(*list(self.model)[:k]) if k > 0 else None
+        return nn.Sequential(*self.blocks[:k]) if k > 0 else None
 
     def trainable(self, k: int, *, previous_tail: int = 0) -> nn.Module:
         """What stage ``k`` trains: block k and its output module; with ``previous_tail``
         the last ``previous_tail`` children of block k-1 too (NeuLite's co-adaptation)."""
         parts = []
         if previous_tail and k > 0:
-            prev = list(self.model)[k - 1]
+            prev = self.blocks[k - 1]
             if not isinstance(prev, nn.Sequential):
                 raise BadInputError("co-adapting the previous block's tail needs blocks "
                                     "that are nn.Sequential themselves")
-            parts.extend(list(prev)[len(prev) - previous_tail:])
-        parts.append(self.model[k])
+            # a block of no more children than the tail is co-adapted whole
+            parts.extend(list(prev)[max(0, len(prev) - previous_tail):])
+        parts.append(self.blocks[k])
         if k < self.num_blocks - 1:
             parts.append(self.heads[k])
         return nn.Sequential(*parts)
 
     def frozen(self, k: int, *, previous_tail: int = 0) -> nn.Module | None:
         """The blocks before the trained part (run under no_grad on the device)."""
-        parts = list(self.model)[:k]
+        parts = self.blocks[:k]
         if previous_tail and k > 0:
             prev = parts.pop()
-            parts.extend(list(prev)[:len(prev) - previous_tail])
+            parts.extend(list(prev)[:max(0, len(prev) - previous_tail)])
         return nn.Sequential(*parts) if parts else None
 
-    def names(self, part: nn.Module) -> list[str]:
-        """Global state names of ``part``'s state (a module made of our modules)."""
+    def name_map(self, part: nn.Module) -> dict[str, str]:
+        """``part``'s state names -> global state names, for the tensors of ``part`` that
+        are global state (a block's own persistent copies of a model's non-persistent
+        buffer are not)."""
         ours = {id(t): n for n, t in self.state_dict(keep_vars=True).items()}
-        return [ours[id(t)] for t in part.state_dict(keep_vars=True).values()]
+        return {local: ours[id(t)] for local, t in part.state_dict(keep_vars=True).items()
+                if id(t) in ours}
+
+    def names(self, part: nn.Module) -> list[str]:
+        """Global state names of ``part``'s state (each once, in ``part``'s order)."""
+        return list(dict.fromkeys(self.name_map(part).values()))
 
 
 def example_input(spec: ModelSpec, batch_size: int) -> tuple[torch.Tensor, Any]:
@@ -153,7 +164,7 @@ def block_profile(spec: ModelSpec, batch_size: int, strategy: str = "block-wise 
         plan, _ = fedplan.plan(part, x, targets, budget=10**13, loss_fn=spec.loss_fn,
                                repeats=1, compress=False, verify=False)
         with torch.no_grad():
-            x = whole.model[k](x)
+            x = whole.blocks[k](x)
         out.append({"block": k, "parameters": sum(p.numel() for p in part.parameters()),
                     "output_shape": list(x.shape[1:]),
                     "keep_all_bytes": int(plan.predicted_peak_bytes)})
@@ -177,11 +188,11 @@ def train_block(instruction: TrainInstruction, train_x: torch.Tensor, train_y: t
         state[name] = array
     whole.load_state_dict(state)
     trainable = whole.trainable(k, previous_tail=previous_tail)
-    names = whole.names(trainable)
+    names = whole.name_map(trainable)
     prefix = whole.frozen(k, previous_tail=previous_tail)
 
     def rename(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, local.values(), strict=True))
+        return {names[key]: value for key, value in local.items() if key in names}
 
     return train_client(instruction, train_x, train_y, model_factory=lambda: trainable,
                         loss_fn=loss_fn or spec.loss_fn, prefix=prefix, names=rename)

@@ -1,9 +1,9 @@
 """ProFL (Wu et al., KDD'25, arXiv 2404.13349): progressive block-wise training.
 
-The model is split into blocks (:mod:`.blocks`: at the top-level children of an
-``nn.Sequential``, each boundary an articulation point). Stage ``k`` trains block ``k``
-and a small output module on top of it while blocks ``0..k-1`` stay frozen; a device
-holds the frozen blocks' weights and runs them without autograd, and holds gradients,
+The model is split into blocks (:mod:`.blocks`: the top-level children of an
+``nn.Sequential``, else cuts at the articulation points of its graph). Stage ``k`` trains
+block ``k`` and a small output module on top of it while blocks ``0..k-1`` stay frozen; a
+device holds the frozen blocks' weights and runs them without autograd, and holds gradients,
 optimizer state and saved activations only for the block in training. Each stage's
 trained part has its own plan cache (:class:`~fedplan.fl.plan_cache.PlanCache` with the
 frozen prefix): a client gets the plan for its own budget, measured for the *whole*
@@ -109,7 +109,8 @@ class BlockwisePolicy(RoundPolicy):
                 options=fedplan.SolverOptions(workers=1,
                                               time_limit_seconds=self.plan_time_limit),
                 prefix_factory=(lambda: BlockModel(spec, inputs, name).frozen(
-                    k, previous_tail=tail)) if k > 0 else None))
+                    k, previous_tail=tail))
+                if self.whole.frozen(k, previous_tail=tail) is not None else None))
         return self._caches[k]
 
     def stage_loss(self, k: int):

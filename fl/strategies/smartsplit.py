@@ -85,8 +85,9 @@ def cut_loss(outputs: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return (outputs * gradient).sum()
 
 
-def _parts(model: nn.Module, cut: int) -> tuple[nn.Module, nn.Module]:
-    blocks = blocks_of(model, "smartsplit")
+def _parts(model: nn.Module, cut: int, example: torch.Tensor
+           ) -> tuple[nn.Module, nn.Module]:
+    blocks = blocks_of(model, "smartsplit", example)
     return nn.Sequential(*blocks[:cut]), nn.Sequential(*blocks[cut:])
 
 
@@ -113,12 +114,13 @@ class SmartSplitPolicy(RoundPolicy):
         self.plan_time_limit = float(plan_time_limit)
         self.inputs, self.targets = example_input(spec, config.batch_size)
         model = spec.build()
-        self.num_blocks = len(blocks_of(model, "smartsplit"))
+        blocks = blocks_of(model, "smartsplit", self.inputs)
+        self.num_blocks = len(blocks)
         self.cut_facts: dict[int, dict[str, Any]] = {}
         x = self.inputs
         for cut in range(1, self.num_blocks):
             with torch.no_grad():
-                x = model[cut - 1](x)
+                x = blocks[cut - 1](x)
             self.cut_facts[cut] = shared(
                 ("edge", spec_key(spec), cut, config.batch_size),
                 lambda model=model, cut=cut, x=x: self._edge_facts(model, cut, x))
@@ -128,7 +130,7 @@ class SmartSplitPolicy(RoundPolicy):
                     ) -> dict[str, Any]:
         """The edge part's keep-all peak and analytic step time, and the cut's bytes."""
         from fedplan.planner.cost import analytic_costs
-        _, edge = _parts(model, cut)
+        _, edge = _parts(model, cut, self.inputs)
         plan, analysis = fedplan.plan(edge, activation, self.targets, budget=10**13,
                                       loss_fn=self.spec.loss_fn, repeats=1, compress=False,
                                       verify=False)
@@ -145,7 +147,7 @@ class SmartSplitPolicy(RoundPolicy):
             key = ("cut", spec_key(spec), cut, self.config.batch_size, self.config.lr,
                    self.cache.bucket_fraction, self.plan_time_limit)
             self._caches[cut] = shared(key, lambda: PlanCache(
-                lambda: _parts(spec.build(), cut)[0], self.inputs, gradient,
+                lambda: _parts(spec.build(), cut, self.inputs)[0], self.inputs, gradient,
                 lr=self.config.lr, loss_fn=cut_loss,
                 bucket_fraction=self.cache.bucket_fraction,
                 options=fedplan.SolverOptions(workers=1,
@@ -246,13 +248,14 @@ def train_split(instruction: TrainInstruction, train_x: torch.Tensor, train_y: t
     the profiler."""
     cut = int(instruction.task["cut"])
     model = spec.build()
-    if cut >= len(blocks_of(model, "smartsplit")):
+    example, _ = example_input(spec, 2)
+    if cut >= len(blocks_of(model, "smartsplit", example)):
         return train_client(instruction, train_x, train_y, model_factory=spec.build,
                             loss_fn=spec.loss_fn)
     model.load_state_dict(state_from_arrays(instruction.weights))
     model.train()
     plan = fedplan.Plan.from_json(instruction.plan, source="the device part's plan")
-    device, edge = _parts(model, cut)
+    device, edge = _parts(model, cut, example)
     planned = fedplan.apply(device, plan)
     device_opt = make_optimizer(plan.optimizer, device.parameters(), lr=instruction.lr)
     edge_opt = make_optimizer("sgd", edge.parameters(), lr=instruction.lr)
