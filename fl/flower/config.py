@@ -74,6 +74,13 @@ class FlowerRunConfig:
     gets a new node id and is queried again; its ``client-key`` keeps its history)."""
     threads: int = 1
     """torch threads in the server app and in every client app."""
+    plan_time_limit: float = 20.0
+    """Seconds each plan solve may take (the embedded simulation's ``plan_time_limit``;
+    the strategies' own plan caches get it too)."""
+    strategy_options: str = ""
+    """Keyword options of ``strategy``: ``name=value`` pairs separated by commas
+    (``edge_fail_round=2,edge_speed=4``); a value is read as an integer, else a number,
+    else text. The names are checked against the strategy's class."""
     test_clients: int = 10
     """Naturally split datasets (``shakespeare``): the federation size whose held-out
     windows make the server's test set (set it to the nodes' ``num-partitions``)."""
@@ -93,7 +100,7 @@ class FlowerRunConfig:
         if self.partition not in PARTITIONS:
             raise _bad("partition", f"one of {', '.join(PARTITIONS)} (``correlated`` needs "
                        "every budget at partition time, which no node knows)", self.partition)
-        for name in ("alpha", "lr", "round_timeout", "node_wait_seconds"):
+        for name in ("alpha", "lr", "round_timeout", "node_wait_seconds", "plan_time_limit"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise _bad(_key(name), "a positive number", value)
@@ -103,6 +110,36 @@ class FlowerRunConfig:
             from fedplan.fl.strategies import strategy_names
             if self.strategy not in strategy_names():
                 raise _bad("strategy", f"one of {', '.join(strategy_names())}", self.strategy)
+        options = self.options()  # raises on a malformed or unknown option
+        if options and not self.strategy:
+            raise _bad("strategy-options", "no options without a strategy",
+                       self.strategy_options)
+        if options:
+            known = _strategy_keywords(self.strategy)
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise _bad("strategy-options", f"options of {self.strategy} "
+                           f"({', '.join(sorted(known)) or 'none'})", ", ".join(unknown))
+
+    def options(self) -> dict[str, Any]:
+        """``strategy_options`` as keyword arguments."""
+        text = str(self.strategy_options).strip()
+        out: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, value = item.partition("=")
+            name, value = name.strip().replace("-", "_"), value.strip()
+            if not sep or not name.isidentifier() or not value:
+                raise _bad("strategy-options", "name=value pairs separated by commas",
+                           self.strategy_options)
+            for kind in (int, float):
+                try:
+                    out[name] = kind(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[name] = value
+        return out
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerRunConfig:
@@ -129,6 +166,24 @@ class FlowerRunConfig:
         from fedplan.fl.server import model_for  # the embedded layer's default
 
         return self.model or model_for(self.dataset)
+
+
+def _strategy_keywords(strategy: str) -> set[str]:
+    """Keyword options a strategy's policy class takes (beyond what every policy gets)."""
+    import inspect
+
+    from fedplan.fl.strategies import STRATEGIES
+
+    names: set[str] = set()
+    for klass in getattr(STRATEGIES.get(strategy), "__mro__", ()):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        names |= {p.name for p in inspect.signature(init).parameters.values()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    # what every policy is given, and plan-time-limit (its own key)
+    return names - {"config", "cache", "spec", "log", "model_factory", "selector",
+                    "plan_time_limit"}
 
 
 def _key(name: str) -> str:

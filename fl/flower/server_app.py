@@ -38,6 +38,7 @@ from fedplan.errors import BadInputError
 from fedplan.fl import data as fldata
 from fedplan.fl.plan_cache import PlanCache
 from fedplan.fl.policy import PolicyConfig
+from fedplan.fl.server import solver_options
 from fedplan.fl.strategies import build_policy
 from fedplan.modelfile import load_model_file
 
@@ -137,7 +138,8 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
                             f"sample; dataset {dataset.name!r} has {dataset.input_shape}")
     recorder.phase("planning")
     cache = PlanCache(spec.build, inputs, targets, lr=config.lr, loss_fn=spec.loss_fn,
-                      bucket_fraction=config.bucket_fraction)
+                      bucket_fraction=config.bucket_fraction,
+                      options=solver_options(config.plan_time_limit))
     recorder.phase("waiting_for_nodes", keep_all_bytes=cache.keep_all_bytes,
                    batch_size=batch_size)
     _wait_for_nodes(grid, config, recorder)
@@ -148,6 +150,7 @@ def _run(grid: Grid, config: FlowerRunConfig, recorder: RunRecorder) -> None:
         raise BadInputError("no SuperNode answered the query round with a valid node config")
     policy = build_policy(
         config.strategy or config.selector, cache=cache, spec=spec, log=recorder.log,
+        options={"plan_time_limit": config.plan_time_limit} | config.options(),
         config=PolicyConfig(clients_per_round=config.clients_per_round, epochs=config.epochs,
                             batch_size=batch_size, lr=config.lr, seed=config.seed,
                             rounds=config.num_server_rounds))
