@@ -62,6 +62,9 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
     sim.add_argument("--edge-fail-round", type=int, default=None, metavar="R",
                      help="smartsplit, fault injection: the edge server fails in the middle "
                           "of round R (1-based)")
+    sim.add_argument("--shrink-rounds", type=int, default=None, metavar="N",
+                     help="profl: rounds per block of the shrinking stage, which trains the "
+                          "blocks back to front before the growing stage (default 0: none)")
     sim.add_argument("--partition", default="dirichlet",
                      help="dirichlet (default), iid, shards or correlated (clients below "
                           "the keep-all peak hold classes 0-4, the rest 5-9)")
@@ -184,6 +187,13 @@ def _config(args: argparse.Namespace):
             except ValueError as exc:
                 raise BadInputError(f"--{flag.replace('_', '-')}: {exc}") from exc
         strategy_options[key] = value
+    if args.shrink_rounds is not None:
+        if strategy != "profl":
+            raise BadInputError(f"--shrink-rounds applies to --strategy profl; found "
+                                f"--strategy {strategy or args.selector}")
+        if args.shrink_rounds < 0:
+            raise BadInputError(f"expected --shrink-rounds >= 0; found {args.shrink_rounds}")
+        strategy_options["shrink_rounds"] = args.shrink_rounds
     return SimConfig(model=args.model or "", dataset=args.dataset, strategy=strategy,
                      strategy_options=strategy_options,
                      num_clients=args.clients, rounds=args.rounds,
