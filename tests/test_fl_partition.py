@@ -251,3 +251,15 @@ def test_block_strategies_train_a_hand_written_model(tiny_file, strategy):
         assert [m["stage"] for m in result["history"]] == [0, 1, 2]
     else:
         assert sum(m["edge_clients"] for m in result["history"]) > 0
+
+
+def test_output_modules_follow_what_the_model_predicts():
+    """Sequence features get a per-position head when the model predicts per position
+    (a next-token model's (B, T, V)), a mean over positions when it predicts per sample."""
+    from fedplan.fl.strategies.blocks import output_module
+
+    features = torch.rand(2, 5, 4)
+    assert output_module(features, 3)(features).shape == (2, 5, 3)
+    assert output_module(features, 3, per_position=False)(features).shape == (2, 3)
+    images = torch.rand(2, 6, 3, 3)
+    assert output_module(images, 3)(images).shape == (2, 3)

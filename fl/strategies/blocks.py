@@ -12,7 +12,9 @@ parameters and buffers, so the global state keeps the model's own names.
 **Output modules.** Block ``k`` (not the last) gets an output module mapping its output to
 the model's output space: global average pooling and a linear layer for image features
 ``(B, C, H, W)``; a LayerNorm and a linear layer per position for sequence features
-``(B, T, D)``. The last block ends with the model's own head.
+``(B, T, D)`` of a model that predicts per position (its outputs ``(B, T, V)``), and a
+LayerNorm, the mean over positions and a linear layer for one that predicts per sample (a
+ViT). The last block ends with the model's own head.
 
 **The global state** of a block-wise federation is the model's ``state_dict`` (names
 ``model.<name in the model>``) plus the output modules' (``heads.<k>...``): one flat dict
@@ -56,20 +58,32 @@ def blocks_of(model: nn.Module, strategy: str = "block-wise training",
     return graph_blocks(model, example, strategy)
 
 
-def output_module(features: torch.Tensor, num_outputs: int) -> nn.Module:
+def output_module(features: torch.Tensor, num_outputs: int, *,
+                  per_position: bool = True) -> nn.Module:
     """An output module from a block's output to the model's outputs (module doc); its
-    initial weights are the same on every call (the caller's RNG is left as it was)."""
+    initial weights are the same on every call (the caller's RNG is left as it was).
+    ``per_position``: for sequence features, the model predicts per position (a next-token
+    model); else one prediction per sample (a ViT's class)."""
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        return _output_module(features, num_outputs)
+        return _output_module(features, num_outputs, per_position)
 
 
-def _output_module(features: torch.Tensor, num_outputs: int) -> nn.Module:
+class _MeanOverPositions(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _output_module(features: torch.Tensor, num_outputs: int, per_position: bool
+                   ) -> nn.Module:
     if features.dim() == 4:
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(features.shape[1], num_outputs))
-    if features.dim() == 3:
+    if features.dim() == 3 and per_position:
         return nn.Sequential(nn.LayerNorm(features.shape[-1]),
+                             nn.Linear(features.shape[-1], num_outputs))
+    if features.dim() == 3:
+        return nn.Sequential(nn.LayerNorm(features.shape[-1]), _MeanOverPositions(),
                              nn.Linear(features.shape[-1], num_outputs))
     if features.dim() == 2:
         return nn.Linear(features.shape[1], num_outputs)
@@ -94,7 +108,9 @@ class BlockModel(nn.Module):
                 heads.append(x)
         outputs = heads[-1]
         num_outputs = outputs.shape[-1]
-        self.heads = nn.ModuleList(output_module(h, num_outputs) for h in heads[:-1])
+        per_position = outputs.dim() == 3
+        self.heads = nn.ModuleList(output_module(h, num_outputs, per_position=per_position)
+                                   for h in heads[:-1])
         self.num_blocks = len(self.blocks)
 
     def stage(self, k: int) -> nn.Module:
