@@ -198,21 +198,41 @@ def plan_step(model: nn.Module, example_inputs: Any, targets: Any, *, budget: Bu
             activation_solver=activation_solver, options=options, say=say)
     best_plan = replace(best_plan, batch_size=batch,
                         inputs=input_signature(best_candidate.call))
-    if verify and (budget.minimum or not (best_plan.step_choice.is_ordinary
-                                          and not best_plan.recomputed
-                                          and not best_plan.compressed)):
+    checks = 0
+    while verify and (budget.minimum or not (best_plan.step_choice.is_ordinary
+                                             and not best_plan.recomputed
+                                             and not best_plan.compressed)):
         say("measuring one planned step")
         measured = measure_plan(model, best_plan, best_candidate.call, _user_inputs(call),
                                 targets, loss_fn, optimizer)
+        checks += 1
         note = (f"verified: one planned step measured {measured} B against the budget "
                 f"{budget_bytes} B")
+        if measured > budget_bytes and not budget.minimum:
+            if checks < 3:
+                # the simulator under-counts some plans (a region of one BatchNorm or
+                # ReLU on a full-resolution activation: BENCHMARKS, whole-step plans):
+                # solve again with the measured excess as extra margin, as plan() does
+                excess = measured - best_plan.predicted_peak_bytes
+                say(f"the planned step measured {measured} B, over the budget: solving "
+                    f"again with {excess} B more margin")
+                options = replace(options, safety_bytes=options.safety_bytes + excess)
+                try:
+                    best_plan, best_candidate = _plan_budget(
+                        model, choices, candidates_for, budget_bytes, keep_all=keep_all,
+                        activation_solver=activation_solver, options=options, say=say)
+                except BudgetInfeasibleError:
+                    pass
+                else:
+                    best_plan = replace(best_plan, batch_size=batch,
+                                        inputs=input_signature(best_candidate.call))
+                    continue
+            raise BudgetInfeasibleError(
+                f"the plan ({best_plan.step_choice.describe()}) measured {measured} B "
+                f"in a real step, above the budget {budget_bytes} B (predicted "
+                f"{best_plan.predicted_peak_bytes} B); raise the budget",
+                smallest_bytes=measured)
         if measured > budget_bytes:
-            if not budget.minimum:
-                raise BudgetInfeasibleError(
-                    f"the plan ({best_plan.step_choice.describe()}) measured {measured} B "
-                    f"in a real step, above the budget {budget_bytes} B (predicted "
-                    f"{best_plan.predicted_peak_bytes} B); raise the budget",
-                    smallest_bytes=measured)
             # budget="min" chooses its own budget: the least peak is what a real step of
             # the least-peak plan measures, so the budget becomes that measurement
             note = (f"verified: one planned step measured {measured} B, above the "
@@ -220,6 +240,7 @@ def plan_step(model: nn.Module, example_inputs: Any, targets: Any, *, budget: Bu
                     f"the measured peak")
             best_plan = replace(best_plan, budget_bytes=measured)
         best_plan = replace(best_plan, notes=best_plan.notes + (note,))
+        break
     return best_plan, best_candidate.analysis
 
 

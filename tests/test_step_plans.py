@@ -158,9 +158,7 @@ def test_eight_bit_state_plan_needs_the_quantized_optimizer():
     budget = ordinary.keep_all_peak_bytes - analysis.costs.optimizer_state_bytes // 2
     plan, _ = fedplan.plan(model, x, y, budget=budget,
                            decisions="recompute,compress-optimizer-state", repeats=1)
-    # every weight has fewer than 4,096 elements (float32 state either way): the 8-bit
-    # step's scratch would only add bytes
-    assert plan.step_choice.state_bits == 32
+    assert plan.step_choice.state_bits == 8
     planned = fedplan.apply(copy.deepcopy(model), plan)
     plain = torch.optim.SGD(planned.parameters(), lr=0.01, momentum=0.9)
     with pytest.raises(fedplan.BadInputError, match="8 bits"):
