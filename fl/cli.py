@@ -65,6 +65,9 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
     sim.add_argument("--shrink-rounds", type=int, default=None, metavar="N",
                      help="profl: rounds per block of the shrinking stage, which trains the "
                           "blocks back to front before the growing stage (default 0: none)")
+    sim.add_argument("--masked-loss", action="store_true",
+                     help="heterofl: set the outputs of classes a client's data does not "
+                          "hold to 0 before its loss (HeteroFL's masking)")
     sim.add_argument("--partition", default="dirichlet",
                      help="dirichlet (default), iid, shards or correlated (clients below "
                           "the keep-all peak hold classes 0-4, the rest 5-9)")
@@ -194,6 +197,11 @@ def _config(args: argparse.Namespace):
         if args.shrink_rounds < 0:
             raise BadInputError(f"expected --shrink-rounds >= 0; found {args.shrink_rounds}")
         strategy_options["shrink_rounds"] = args.shrink_rounds
+    if args.masked_loss:
+        if strategy != "heterofl":
+            raise BadInputError(f"--masked-loss applies to --strategy heterofl; found "
+                                f"--strategy {strategy or args.selector}")
+        strategy_options["masked_loss"] = True
     return SimConfig(model=args.model or "", dataset=args.dataset, strategy=strategy,
                      strategy_options=strategy_options,
                      num_clients=args.clients, rounds=args.rounds,

@@ -19,8 +19,13 @@ Choices, and why:
   fits is skipped.
 * **Static BN**: the packaged Fashion-MNIST model uses BatchNorm without running
   statistics (batch statistics in training and evaluation), HeteroFL's sBN.
-* **No masked loss**: the paper's optional masking of classes a client does not hold
-  (for label-skewed splits) is not applied.
+* **Masked loss** (``masked_loss=True``; off by default, as ``BENCHMARKS.md`` was
+  measured): as in HeteroFL's reference code, a client's outputs for the classes its own
+  data does not hold are set to 0 before the loss (``masked_fill``), so its update
+  leaves those classes' output weights alone (for label-skewed splits). The client reads
+  its label set from its own data; nothing about it is sent. The plans are made and
+  measured with the same masked loss over every class (the same operations, so the same
+  memory). Evaluation is unmasked.
 * The model needs ``build_model(width=...)``; the packaged models have it; a model file
   without it is refused with a message.
 * Clients are chosen uniformly among those some rate fits. The model scored is the full
@@ -54,7 +59,7 @@ from ..selectors import Candidate, FeasibleRandomSelector
 from . import register
 from .blocks import shared, spec_key
 
-__all__ = ["RATES", "HeteroFLPolicy", "slice_to"]
+__all__ = ["RATES", "HeteroFLPolicy", "masked_loss", "slice_to"]
 
 RATES = (1.0, 0.5, 0.25, 0.125)
 
@@ -84,6 +89,18 @@ def slice_to(weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
     return out
 
 
+def masked_loss(base_loss: Callable, labels: torch.Tensor | None = None) -> Callable:
+    """``base_loss`` of the outputs with every class not in ``labels`` (class ids; None:
+    every class) set to 0 along the last dimension (the module doc)."""
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        classes = outputs.shape[-1]
+        held = torch.arange(classes) if labels is None else labels
+        mask = torch.zeros(classes, dtype=torch.bool)
+        mask[held] = True
+        return base_loss(outputs.masked_fill(~mask, 0.0), targets)
+    return loss
+
+
 class HeteroFLPolicy(RoundPolicy):
     """HeteroFL: see the module doc."""
 
@@ -91,8 +108,10 @@ class HeteroFLPolicy(RoundPolicy):
 
     def __init__(self, *, config: PolicyConfig, cache: PlanCache, spec: ModelSpec,
                  log: Callable[[str, dict[str, Any]], None] | None = None,
-                 rates: tuple[float, ...] = RATES, plan_time_limit: float = 10.0):
+                 rates: tuple[float, ...] = RATES, plan_time_limit: float = 10.0,
+                 masked_loss: bool = False):
         self.spec = spec
+        self.masked = bool(masked_loss)
         self.rates = tuple(sorted((float(r) for r in rates), reverse=True))
         if not self.rates or self.rates[0] != 1.0 or any(not 0 < r <= 1 for r in self.rates):
             raise ValueError(f"heterofl: expected rates in (0, 1] starting at 1; found {rates}")
@@ -102,17 +121,20 @@ class HeteroFLPolicy(RoundPolicy):
         self.plan_time_limit = float(plan_time_limit)
         self.shapes = {r: {n: tuple(t.shape) for n, t in self.builders[r]().state_dict()
                            .items()} for r in self.rates}
-        self._caches: dict[float, PlanCache] = {1.0: cache}
+        # the federation's cache plans the full width with the plain loss
+        self._caches: dict[float, PlanCache] = {} if self.masked else {1.0: cache}
 
     def rate_cache(self, rate: float) -> PlanCache:
         if rate not in self._caches:
             import fedplan
             (inputs, *_), targets = self.spec.batch(self.config.batch_size)
             key = ("width", spec_key(self.spec), rate, self.config.batch_size,
-                   self.config.lr, self.cache.bucket_fraction, self.plan_time_limit)
+                   self.config.lr, self.cache.bucket_fraction, self.plan_time_limit,
+                   self.masked)
+            loss = masked_loss(self.spec.loss_fn) if self.masked else self.spec.loss_fn
             self._caches[rate] = shared(key, lambda: PlanCache(
                 self.builders[rate], inputs, targets, lr=self.config.lr,
-                loss_fn=self.spec.loss_fn, bucket_fraction=self.cache.bucket_fraction,
+                loss_fn=loss, bucket_fraction=self.cache.bucket_fraction,
                 options=fedplan.SolverOptions(workers=1,
                                               time_limit_seconds=self.plan_time_limit)))
         return self._caches[rate]
@@ -144,7 +166,8 @@ class HeteroFLPolicy(RoundPolicy):
         return Assignment(
             client_id=client.client_id,
             instruction=self.instruction(round_index, client, entry.plan_json, sent,
-                                         {"strategy": self.name, "width": rate}),
+                                         {"strategy": self.name, "width": rate,
+                                          "masked": self.masked}),
             digest=plan_digest(entry.plan_json), expected=sent,
             budget_bytes=client.budget_bytes, speed=client.speed,
             step_seconds=entry.step_seconds, info={"width": rate})
@@ -152,8 +175,11 @@ class HeteroFLPolicy(RoundPolicy):
 
 def _client(instruction, train_x, train_y, spec: ModelSpec) -> ClientReply:
     rate = float(instruction.task["width"])
+    loss = spec.loss_fn
+    if instruction.task.get("masked"):
+        loss = masked_loss(spec.loss_fn, torch.unique(train_y.reshape(-1)))
     return train_client(instruction, train_x, train_y, model_factory=_builder(spec, rate),
-                        loss_fn=spec.loss_fn)
+                        loss_fn=loss)
 
 
 register("heterofl", HeteroFLPolicy, _client)
