@@ -84,6 +84,25 @@ def test_residual_cnn_cuts_and_blocks():
     assert blocks_of(model, "test", example)  # a non-Sequential model is accepted
 
 
+def test_containers_of_blocks_are_looked_into():
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.layers = nn.Sequential(Residual(8), Residual(8))  # a stack of blocks
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(8, 10))  # plain layers: one owner
+
+        def forward(self, x):
+            return self.head(self.layers(self.stem(x)))
+
+    assert _unit_nodes(graph_blocks(Stacked(), torch.rand(2, 1, 8, 8))) == [
+        [["stem"]],
+        [["layers_0_conv", "layers_0_bn", "add"], ["relu"]],
+        [["layers_1_conv", "layers_1_bn", "add_1"], ["relu_1"]],
+        [["head_0"], ["head_1"], ["head_2"]]]
+
+
 def test_blocks_share_the_model_and_run_any_batch_in_both_modes():
     torch.manual_seed(0)
     model = ResNet()
@@ -214,25 +233,29 @@ def tiny_file(tmp_path_factory):
 
 
 def test_block_profile_of_a_hand_written_model(tiny_file):
-    """Blocks: the stem; the root-level relu with the residual stack; pooling, flatten and
-    the head. Each block's keep-all peak is fedplan's prediction for it and its output
+    """Blocks: the stem; the root-level relu with the first residual block (the stack is an
+    nn.Sequential of blocks: each is an owner); the second; the third; pooling, flatten
+    and the head. Each block's keep-all peak is fedplan's prediction for it and its output
     module (8x8 digits, batch 8)."""
     from fedplan.fl.strategies.blocks import block_profile
     from fedplan.modelfile import load_model_file
 
     profile = block_profile(load_model_file(tiny_file), 8, "profl")
     # trained parameters: the block's plus its output module's (pool, Linear(8, 10): 90)
-    assert [b["parameters"] for b in profile] == [80 + 90, 3 * 872 + 90, 1290]
-    assert [b["output_shape"] for b in profile] == [[8, 8, 8], [8, 8, 8], [10]]
+    assert [b["parameters"] for b in profile] == [80 + 90] + [872 + 90] * 3 + [1290]
+    assert [b["output_shape"] for b in profile] == [[8, 8, 8]] * 4 + [[10]]
     peaks = [b["keep_all_bytes"] for b in profile]
-    assert all(p > 0 for p in peaks) and max(peaks) == peaks[1]  # the residual stack
+    # the residual blocks at full resolution hold the most; the first one a ReLU more
+    assert peaks[2] == peaks[3] < peaks[1] and max(peaks) == peaks[1]
+    assert min(peaks) == peaks[4]  # the head: no spatial activations
 
 
 @pytest.mark.parametrize("strategy", ["profl", "neulite", "smartsplit"])
 def test_block_strategies_train_a_hand_written_model(tiny_file, strategy):
     """Three rounds on 8x8 digits with budgets at 0.5 and 1.2 of the whole model's keep-all
     peak: every participant's measured peak within its budget, the 0.5 clients train
-    (their block, or the part before a cut), and the stages advance one block a round."""
+    (their block, or the part before a cut), and the stages advance one block a round (of
+    five blocks)."""
     from fedplan.fl import data
     from fedplan.fl.server import SimConfig, run_simulation
 

@@ -22,10 +22,14 @@ one line saying so (:class:`~fedplan.errors.BadInputError`); build it as
 **Units and blocks.** The cuts split the graph into *units* (the nodes between two
 consecutive cuts); each unit becomes a ``GraphModule`` over the user's modules. Blocks
 group units by the **top-level child** each node belongs to (the first name of its module
-path, from ``nn_module_stack``, a ``call_module`` target or a ``get_attr`` target): a
-block is the units of one or more consecutive top-level children, so a child's
-parameters are never split between blocks; a child used again later (weight sharing)
-merges everything between its uses into one block. Units of root-level operations only
+path, from ``nn_module_stack``, a ``call_module`` target or a ``get_attr`` target), or by
+the child's own children when the top-level child is a container (``nn.Sequential``,
+``nn.ModuleList``, ``nn.ModuleDict``) of blocks, such as MobileNetV2's ``features`` or a
+ViT's ``blocks``, which would otherwise be one block holding most of the model (a
+container of plain layers, VGG's ``features``, stays one owner). A block is the units
+of one or more consecutive such owners, so an owner's parameters are never split between
+blocks; an owner used again later (weight sharing) merges everything between its uses
+into one block. Units of root-level operations only
 (``torch.relu`` or a pooling written in the model's own ``forward``) join the *following*
 block: the pooling and flattening before a classifier belong to the classifier's block,
 as in the packaged models (chosen before any run; either side would be a valid cut).
@@ -91,18 +95,35 @@ def trace(model: nn.Module, example: torch.Tensor, strategy: str = "block-wise t
     return graph_module
 
 
-def _owner(node: torch.fx.Node) -> str:
-    """The top-level child a node belongs to; ``"param:NAME"`` for a parameter or buffer
-    of the root module itself; '' for an operation in the root ``forward``."""
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _owner(node: torch.fx.Node, containers: frozenset[str] = frozenset()) -> str:
+    """The top-level child a node belongs to (a child of it when the top-level child is a
+    container in ``containers``); ``"param:NAME"`` for a parameter or buffer of the root
+    module itself; '' for an operation in the root ``forward``."""
     if node.op in ("call_module", "get_attr"):
-        target = str(node.target)
-        return target.split(".")[0] if "." in target or node.op == "call_module" \
-            else f"param:{target}"
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = next(iter(stack.values()))[0]
-        return str(path).split(".")[0]
-    return ""
+        path = str(node.target)
+        if "." not in path and node.op == "get_attr":
+            return f"param:{path}"
+    else:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return ""
+        path = str(list(stack.values())[-1][0])  # the innermost module
+    parts = path.split(".")
+    depth = 2 if parts[0] in containers and len(parts) > 1 else 1
+    return ".".join(parts[:depth])
+
+
+def _containers(model: nn.Module) -> frozenset[str]:
+    """Top-level children that are stacks of blocks (an ``nn.Sequential``,
+    ``nn.ModuleList`` or ``nn.ModuleDict`` with a child that has children itself): their
+    children are the units of ownership (module doc). A container of plain layers (VGG's
+    ``features``: convolutions, ReLUs, poolings) stays one owner."""
+    return frozenset(name for name, child in model.named_children()
+                     if isinstance(child, _CONTAINERS)
+                     and any(next(c.children(), None) is not None for c in child.children()))
 
 
 def _depends_on_input(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -213,12 +234,14 @@ def graph_blocks(model: nn.Module, example: torch.Tensor,
         raise BadInputError(f"{strategy} needs a model that returns one tensor; "
                             f"{type(model).__name__} returns {type(results).__name__}")
     by_name = {n.name: n for n in nodes}
+    containers = _containers(model)
     bounds = [-1] + [c.index for c in cuts] + [len(nodes) - 1]
     tensors = [None] + [by_name[c.node] for c in cuts] + [results]
     units = []  # (nodes, start node, end node, owners)
     for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         part = nodes[lo + 1:hi + 1]
-        units.append((part, tensors[j], tensors[j + 1], {_owner(n) for n in part} - {""}))
+        owned = {_owner(n, containers) for n in part} - {""}
+        units.append((part, tensors[j], tensors[j + 1], owned))
     groups: list[list[int]] = []        # unit indices per block
     owners: list[set[str]] = []
     pending: list[int] = []             # root-level units waiting for the next block
