@@ -65,6 +65,9 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
     sim.add_argument("--shrink-rounds", type=int, default=None, metavar="N",
                      help="profl: rounds per block of the shrinking stage, which trains the "
                           "blocks back to front before the growing stage (default 0: none)")
+    sim.add_argument("--hsic-compression", type=float, default=None, metavar="MU",
+                     help="neulite: weight of the HSIC term between a block's input and its "
+                          "output in the stage loss (default 0: off)")
     sim.add_argument("--masked-loss", action="store_true",
                      help="heterofl: set the outputs of classes a client's data does not "
                           "hold to 0 before its loss (HeteroFL's masking)")
@@ -197,6 +200,14 @@ def _config(args: argparse.Namespace):
         if args.shrink_rounds < 0:
             raise BadInputError(f"expected --shrink-rounds >= 0; found {args.shrink_rounds}")
         strategy_options["shrink_rounds"] = args.shrink_rounds
+    if args.hsic_compression is not None:
+        if strategy != "neulite":
+            raise BadInputError(f"--hsic-compression applies to --strategy neulite; found "
+                                f"--strategy {strategy or args.selector}")
+        if not args.hsic_compression >= 0:
+            raise BadInputError(f"expected --hsic-compression >= 0; found "
+                                f"{args.hsic_compression}")
+        strategy_options["compression_weight"] = args.hsic_compression
     if args.masked_loss:
         if strategy != "heterofl":
             raise BadInputError(f"--masked-loss applies to --strategy heterofl; found "

@@ -76,7 +76,9 @@ class _Stepper:
             with torch.no_grad():
                 inputs = self.prefix(inputs)
         outputs = self.planned(inputs)
-        per_sample = _per_sample_loss(outputs.detach(), targets)
+        # a part that returns (prediction, extras...) for its loss (NeuLite's mentor term)
+        prediction = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        per_sample = _per_sample_loss(prediction.detach(), targets)
         self.loss_fn(outputs, targets).backward()
         self.optimizer.step()
         return per_sample

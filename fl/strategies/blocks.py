@@ -189,11 +189,14 @@ def block_profile(spec: ModelSpec, batch_size: int, strategy: str = "block-wise 
 
 def train_block(instruction: TrainInstruction, train_x: torch.Tensor, train_y: torch.Tensor,
                 spec: ModelSpec, *, strategy: str, previous_tail: int = 0,
-                loss_fn: Callable | None = None) -> ClientReply:
+                loss_fn: Callable | None = None,
+                wrap: Callable[[BlockModel, int, nn.Module], nn.Module] | None = None
+                ) -> ClientReply:
     """A client's round of block-wise training: the frozen blocks before stage k run under
     no_grad; block k (and its output module, and with ``previous_tail`` the tail of block
-    k-1) trains under the plan sent. The reply carries the trained part's tensors under
-    their global names."""
+    k-1) trains under the plan sent (``wrap(whole, k, part)``, when given, is the module the
+    plan was made for around it). The reply carries the trained part's tensors under their
+    global names."""
     from ..client import train_client
 
     k = int(instruction.task["block"])
@@ -204,6 +207,8 @@ def train_block(instruction: TrainInstruction, train_x: torch.Tensor, train_y: t
         state[name] = array
     whole.load_state_dict(state)
     trainable = whole.trainable(k, previous_tail=previous_tail)
+    if wrap is not None:
+        trainable = wrap(whole, k, trainable)
     names = whole.name_map(trainable)
     prefix = whole.frozen(k, previous_tail=previous_tail)
 

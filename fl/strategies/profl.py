@@ -113,8 +113,15 @@ class BlockwisePolicy(RoundPolicy):
             tail, name = self.previous_tail, self.name
             key = ("stage", name, spec_key(spec), k, self.config.batch_size, self.config.lr,
                    self.cache.bucket_fraction, self.plan_time_limit)
+            key = key + self.cache_key_extra()
+            wrap = self.wrap_trainable
+
+            def trained_part():
+                whole = BlockModel(spec, inputs, name)
+                return wrap(whole, k, whole.trainable(k, previous_tail=tail))
+
             self._caches[k] = shared(key, lambda: PlanCache(
-                lambda: BlockModel(spec, inputs, name).trainable(k, previous_tail=tail),
+                trained_part,
                 inputs, targets, lr=self.config.lr, loss_fn=self.stage_loss(k),
                 bucket_fraction=self.cache.bucket_fraction,
                 options=fedplan.SolverOptions(workers=1,
@@ -126,6 +133,15 @@ class BlockwisePolicy(RoundPolicy):
 
     def stage_loss(self, k: int):
         return self.spec.loss_fn
+
+    def wrap_trainable(self, whole: BlockModel, k: int, part: torch.nn.Module
+                       ) -> torch.nn.Module:
+        """The module stage ``k`` plans and trains around ``part`` (itself by default)."""
+        return part
+
+    def cache_key_extra(self) -> tuple:
+        """What else the per-stage plans depend on (a subclass's loss options)."""
+        return ()
 
     def candidate(self, client: ClientInfo) -> Candidate:
         cache = self.stage_cache(self.stage)
