@@ -46,6 +46,7 @@ flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 
 
 from fedplan.fl.flower import APP_DIR  # noqa: E402  (needs flwr)
 from fedplan.fl.flower.config import FlowerRunConfig, NodeSpec  # noqa: E402
+from fedplan.fl.flower.nodes import decisions_digest  # noqa: E402
 from fedplan.fl.flower.records import (  # noqa: E402
     instruction_from_content,
     instruction_to_content,
@@ -351,6 +352,19 @@ def test_parity_with_embedded_simulation(federation_run):
         return reply
 
     server.client_fn = client_fn
+    # what both sides start from: the same keep-all peak, budgets and plans per node (a
+    # failure below names the first of these that differs)
+    summary = federation_run["summary"]
+    assert summary["keep_all_bytes"] == fed.cache.keep_all_bytes
+    for role, node in _by_key(summary).items():
+        cid = roles[role]
+        assert node["client_id"] == cid
+        assert node["budget_bytes"] == fed.devices[cid].budget_bytes, role
+        entry = fed.cache.lookup(node["budget_bytes"])
+        assert hasattr(entry, "plan_json"), f"{role}: {entry}"  # every role has a plan
+        assert node.get("recomputed") == entry.recomputed, role
+        assert node["decisions_digest"] == decisions_digest(entry.plan_json), \
+            f"{role}: the server app planned other decisions than the embedded cache"
     from fedplan.fl.server import torch_threads
     with torch_threads(1):
         for flower_round in (1, 2):
@@ -422,6 +436,17 @@ def test_records_round_trip_and_tampered_plan():
     del first["arrays"]
     with pytest.raises(MessageError):
         instruction_from_content(first)
+
+
+def test_decisions_digest_ignores_the_solves_timings():
+    plan = {"decisions": {"a": "recompute", "b": "keep"}, "step": {}, "budget_bytes": 10,
+            "fingerprint": "f", "batch_size": 8, "solve_seconds": 1.07,
+            "notes": ["CBC: 24 units, 1.07 s"]}
+    again = {**plan, "solve_seconds": 1.72, "notes": ["CBC: 24 units, 1.72 s"]}
+    assert plan_digest(plan) != plan_digest(again)  # what a reply echoes: per process
+    assert decisions_digest(plan) == decisions_digest(again)
+    other = {**plan, "decisions": {"a": "keep", "b": "keep"}}
+    assert decisions_digest(other) != decisions_digest(plan)
 
 
 def test_flower_app_folder_names_the_apps():

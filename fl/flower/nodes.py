@@ -38,6 +38,14 @@ __all__ = ["KnownNode", "NodeRegistry"]
 _CANDIDATE_FIELDS = {f.name for f in fields(Candidate)}
 
 
+def decisions_digest(plan_json: dict[str, Any]) -> str:
+    """A digest of what a plan decides (its decisions, step choices and budget), without
+    the solve's timings that make :func:`plan_digest` differ between processes: two
+    processes that planned the same thing agree on it (the parity tests compare it)."""
+    return plan_digest({key: plan_json.get(key) for key in
+                        ("decisions", "step", "budget_bytes", "fingerprint", "batch_size")})
+
+
 @dataclass
 class KnownNode:
     """A node that answered the query."""
@@ -67,7 +75,8 @@ class KnownNode:
                "bucket": entry.bucket, "plan_edge_bytes": entry.edge_bytes}
         if isinstance(entry, CachedPlan):
             out.update(recomputed=entry.recomputed,
-                       cached_measured_peak_bytes=entry.measured_peak_bytes)
+                       cached_measured_peak_bytes=entry.measured_peak_bytes,
+                       decisions_digest=decisions_digest(entry.plan_json))
         else:
             out.update(no_plan_reason=entry.reason)
         return out
