@@ -298,3 +298,33 @@ def test_micro_batched_tied_weights_are_predicted():
     measured = fedplan.measure(planned, tokens, tokens, loss_fn=loss_fn, steps=1).peak_bytes
     assert measured <= plan.budget_bytes
     assert abs(plan.predicted_peak_bytes - measured) <= 0.01 * measured
+
+
+def test_micro_batch_lowering_of_a_tied_weight_is_exact():
+    """Per node, the backward transient the micro-batch lowering adds: the node's own
+    fresh parameter gradients; for the tied embedding, its first contribution held from
+    the output layer's backward (the last user) through the embedding's (the first), and
+    the out-of-place sum at the embedding."""
+    model = TiedLM()
+    tokens = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(logits, targets):
+        return nn.functional.cross_entropy(logits.reshape(-1, 1000), targets.reshape(-1))
+
+    costs = fedplan.analyze(model, tokens, tokens, loss_fn=loss_fn, repeats=1,
+                            compress=False).costs
+    lowered = step_costs(costs, StepChoice(microbatches=2),
+                         full_batch_input_bytes=costs.input_bytes)
+    params = dict(costs.params)
+    tied = params["embed.weight"]
+    assert tied == 1000 * 64 * 4
+    order = [cost.name for cost in costs.nodes]
+    first, last = order.index("embedding"), order.index("linear_2")
+    for position, (before, after) in enumerate(zip(costs.nodes, lowered.nodes)):
+        own = sum(params[param] for param in before.params)
+        held = tied if first <= position < last else 0
+        summed = tied if position == first else 0
+        assert after.backward_temp_bytes - before.backward_temp_bytes == own + held + summed
+    # every gradient is held from the first micro-batch on: a fixed cost
+    assert lowered.params == ()
+    assert lowered.buffer_bytes - costs.buffer_bytes == sum(params.values())
