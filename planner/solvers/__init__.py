@@ -117,9 +117,10 @@ def run_solver(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: st
     except NoPlanFound as found_nothing:
         if solver != "ilp":  # the least-peak search is the ILP's own fallback
             raise infeasible(graph, costs, budget_bytes, solver, options) from None
-        # the least-peak search keeps its own fixed limit (20 s of CP-SAT): held to the
-        # wall time the solver left, its plans changed with the machine's load, and the
-        # plans of a federation (Flower against the embedded run) stopped matching
+        # the least-peak search runs on CP-SAT's deterministic work, half the time limit
+        # (least_peak.MIN_PEAK_WORK): held to the wall time the solver left, its plans
+        # changed with the machine's load, and a federation's plans (Flower against the
+        # embedded run) stopped matching
         return _from_least_peak(graph, costs, budget_bytes, solver, options,
                                 str(found_nothing))
 

@@ -38,6 +38,11 @@ class SolverOptions:
     0.1-2% of optimal on 1,000-node graphs in a few seconds, where CP-SAT's search was
     still 80% above; on the example models CBC proved optimality as fast or faster. Its
     time limit counts CPU seconds (one thread)."""
+    work_limit: float | None = None
+    """CP-SAT only: stop on CP-SAT's deterministic work (its own units, about a second of
+    one core each) instead of the clock, with one worker, so the answer is the same on an
+    idle and on a loaded machine (``time_limit_seconds`` then only caps the wall time).
+    The least-peak search always runs this way."""
     warm_start: bool = True
     """Hint the ILP with the greedy plan."""
     safety_fraction: float = 0.01

@@ -299,7 +299,8 @@ def solve_min_peak(graph: PlanGraph, costs: CostModel,
     unit_of = coarse_units(graph, costs, MAX_UNITS)
     model = _build(_facts(graph, costs, unit_of, options), costs, None, options)
     if hint:
-        model.hint(hint, complete_seconds=0.1 * options.time_limit_seconds)
+        model.hint(hint, complete_seconds=0.1 * (options.work_limit
+                                                 or options.time_limit_seconds))
     _, decisions, _, _ = model.solve()
     return decisions or None
 

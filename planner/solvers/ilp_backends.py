@@ -181,11 +181,16 @@ class CpSatBackend:
         parameters.max_time_in_seconds = self.options.time_limit_seconds
         parameters.num_workers = self.options.workers
         parameters.random_seed = self.options.seed
+        if self.options.work_limit is not None:
+            # repeatable: one worker stopped by deterministic work, not by the clock
+            parameters.num_workers = 1
+            parameters.max_deterministic_time = self.options.work_limit
         if units > PROBING_UNITS:
             parameters.cp_model_probing_level = 0
 
     def set_time_limit(self, seconds: float, units: int) -> None:
-        self.solver.parameters.max_time_in_seconds = seconds
+        if self.options.work_limit is None:
+            self.solver.parameters.max_time_in_seconds = seconds
 
     def hint(self, values: list[tuple[object, int]], complete_seconds: float) -> bool:
         """Hint the decisions; with ``complete_seconds`` > 0, complete the hint.
@@ -203,7 +208,11 @@ class CpSatBackend:
                 copy.Add(copy.GetBoolVarFromProtoIndex(var.Index()) == value)
             solver = cp_model.CpSolver()
             solver.parameters.num_workers = 1
-            solver.parameters.max_time_in_seconds = complete_seconds
+            if self.options.work_limit is not None:  # repeatable, as the search itself
+                solver.parameters.max_deterministic_time = complete_seconds
+                solver.parameters.max_time_in_seconds = 60 * complete_seconds
+            else:
+                solver.parameters.max_time_in_seconds = complete_seconds
             solver.parameters.stop_after_first_solution = True
             solver.parameters.random_seed = self.solver.parameters.random_seed
             if solver.Solve(copy) in (cp_model.OPTIMAL, cp_model.FEASIBLE):

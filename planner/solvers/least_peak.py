@@ -1,7 +1,8 @@
 """The plan of least peak, and the infeasible-budget error that states it.
 
 A search, not a proof: the ILP in min-peak mode (CP-SAT, started from the greedy's least
-peak), the greedy's lowest segment plan, then a descent judged by the simulator.
+peak, one worker stopped by deterministic work so the answer repeats on any load), the
+greedy's lowest segment plan, then a descent judged by the simulator.
 """
 
 from __future__ import annotations
@@ -52,15 +53,24 @@ def minimum_peak(graph: PlanGraph, costs: CostModel, options: SolverOptions | No
     return best.peak_bytes, best.breakdown
 
 
+#: the least-peak search's deterministic CP-SAT work (``SolverOptions.work_limit``): half
+#: the caller's time limit, at least 1 and at most 5 units. A wall-clock limit made the
+#: least peak (and the plans and budgets built on it) depend on the machine's load.
+MIN_PEAK_WORK = (1.0, 5.0)
+
+
 def _min_peak_options(options: SolverOptions | None) -> SolverOptions:
     # CP-SAT, whatever the budgeted solve uses: CBC ignored its time limit when minimising
     # the peak (66 s at a 10 s limit on U-Net), and CP-SAT starts from the greedy's least
     # peak (a completed hint), so its answer is never worse than the greedy's
-    base = SolverOptions(time_limit_seconds=20, backend="CP_SAT")
+    limit = 20.0 if options is None else options.time_limit_seconds
+    low, high = MIN_PEAK_WORK
+    work = min(high, max(low, 0.5 * limit))
+    base = SolverOptions(time_limit_seconds=60 * work, backend="CP_SAT", work_limit=work)
     if options is None:
         return base
     return replace(base, compress=options.compress, min_bits=options.min_bits,
-                   workers=options.workers, seed=options.seed)
+                   seed=options.seed)
 
 
 def infeasible(graph: PlanGraph, costs: CostModel, budget_bytes: int, solver: str,
