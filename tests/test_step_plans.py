@@ -328,3 +328,24 @@ def test_micro_batch_lowering_of_a_tied_weight_is_exact():
     # every gradient is held from the first micro-batch on: a fixed cost
     assert lowered.params == ()
     assert lowered.buffer_bytes - costs.buffer_bytes == sum(params.values())
+
+
+def test_budget_min_skips_a_micro_batch_count_the_model_cannot_run():
+    """BatchNorm1d in training refuses one sample per channel: the chunk of 1 cannot be
+    analysed, so the minimum searches the largest count that runs (4 chunks of 2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    messages = []
+    plan, _ = fedplan.plan(model, x, y, budget="min", decisions="recompute,microbatch",
+                           repeats=1, progress=messages.append)
+    assert any("a micro-batch of 1 cannot run" in message for message in messages)
+    # 4 chunks of 2 were searched; the ordinary step is lower still on this small model
+    # (micro-batches hold every gradient from the start and add each fresh one)
+    assert any("smallest peak for 4 micro-batches" in message for message in messages)
+    assert plan.step_choice.microbatches == 1
+    measured = fedplan.measure(fedplan.apply(copy.deepcopy(model), plan, x), x, y,
+                               steps=1).peak_bytes
+    assert measured <= plan.budget_bytes
