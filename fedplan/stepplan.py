@@ -455,27 +455,10 @@ def least_peak_plan(graph, costs: CostModel, options: SolverOptions) -> dict[str
 
 def _deterministic_min_peak(graph, costs: CostModel, options: SolverOptions,
                             hint: dict[str, str]) -> dict[str, str] | None:
-    """``solve_min_peak`` with CP-SAT's deterministic work limit in place of its wall-clock
-    one (reached through the ILP module's internals, which have no such knob; if they
-    move, the wall-clock search runs instead and the least peak may vary with load)."""
-    try:
-        from fedplan.planner.solvers.ilp import MAX_UNITS, _build, _facts, coarse_units
-        model = _build(_facts(graph, costs, coarse_units(graph, costs, MAX_UNITS), options),
-                       costs, None, options)
-    except (ImportError, TypeError):
-        return solve_min_peak(graph, costs, options, hint=hint)
-    parameters = None
-    for holder in (model, getattr(model, "backend", None)):
-        candidate = getattr(getattr(holder, "solver", None), "parameters", None)
-        if candidate is not None and hasattr(candidate, "max_deterministic_time"):
-            parameters = candidate
-            break
-    if parameters is None:
-        return solve_min_peak(graph, costs, options, hint=hint)
-    model.hint(hint, complete_seconds=min(10.0, options.time_limit_seconds))
-    parameters.max_deterministic_time = MIN_PEAK_WORK
-    _, decisions, _, _ = model.solve()
-    return decisions or None
+    """``solve_min_peak`` on CP-SAT's deterministic work (``SolverOptions.work_limit``: one
+    worker, stopped by work units, not the clock), so its answer repeats on any load."""
+    return solve_min_peak(graph, costs, replace(options, work_limit=MIN_PEAK_WORK),
+                          hint=hint)
 
 
 def plan_from_decisions(graph, costs: CostModel, decisions: dict[str, str],
