@@ -23,9 +23,11 @@ the step, and that is part of the measured peak.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -38,10 +40,38 @@ from fedplan.runtime.measure import held_bytes, profiled_peak
 
 from .messages import ClientReply, TrainInstruction, state_from_arrays, state_to_arrays
 
-__all__ = ["PROFILED_STEPS", "local_steps", "measure_plan_peak", "train_client"]
+__all__ = ["PROFILED_STEPS", "local_steps", "measure_plan_peak", "no_collection",
+           "train_client"]
 
 PROFILED_STEPS = 2
 """Local steps measured under the profiler at the start of every client's training."""
+
+
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector kept off for the block (restored after): for
+    every profiled measurement of the FL layer.
+
+    Why: the CPU allocator remembers the size of every block allocated while the profiler
+    records memory, across profiling sessions, and reports its free in whichever session
+    it happens. A collection that runs inside a profiled step frees garbage (modules,
+    planned modules and autograd graphs in reference cycles) whose tensors an earlier
+    profiled step allocated, and the step's measured peak drops by what it happened to
+    free. When the collector runs depends on every Python object allocated before in the
+    process, so the same plan measured 434,592, 434,624 or 435,648 B depending on which
+    tests ran before (tests/test_fl_sim.py's resume test, after
+    tests/test_fl_partition.py): measured peaks decide budgets (fractions of the
+    keep-all peak), plan-cache buckets and re-solves, so two processes could plan
+    differently for the same client. With the collector paused, what a step frees is
+    what the step itself releases, so the measurement is a function of the step alone.
+    (Collecting first is not needed for that and cost 0.2 s a step in a test process.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -90,7 +120,8 @@ class _Stepper:
         start = held_bytes(self.planned, self.optimizer, [inputs, targets])
         if self.prefix is not None:
             start += held_bytes(self.prefix, None, [])
-        peak, per_sample = profiled_peak(lambda: self.step(inputs, targets))
+        with no_collection():
+            peak, per_sample = profiled_peak(lambda: self.step(inputs, targets))
         return start + peak, per_sample
 
 

@@ -54,7 +54,7 @@ import fedplan
 from fedplan.planner.cost import analytic_costs
 from fedplan.planner.simulate import simulate
 
-from .client import measure_plan_peak
+from .client import measure_plan_peak, no_collection
 
 __all__ = ["COMPRESS_WORK_FACTOR", "REFERENCE_FLOPS_PER_SECOND", "CachedPlan", "Infeasible",
            "PlanCache", "analytic_compress_costs"]
@@ -150,10 +150,11 @@ class PlanCache:
         self.solve_seconds = 0.0
         start = time.perf_counter()
         model = model_factory()
-        measured = fedplan.analyze(model, example_inputs, example_targets, loss_fn=loss_fn,
-                                   optimizer=optimizer, repeats=1,
-                                   compress=self.compress and solver == "ilp",
-                                   progress=self.say)
+        with no_collection():  # the analysis measures bytes with the profiler (client.py)
+            measured = fedplan.analyze(model, example_inputs, example_targets,
+                                       loss_fn=loss_fn, optimizer=optimizer, repeats=1,
+                                       compress=self.compress and solver == "ilp",
+                                       progress=self.say)
         costs = analytic_costs(measured.costs, flops_per_second=flops_per_second)
         self.analysis = replace(measured, costs=analytic_compress_costs(
             costs, flops_per_second=flops_per_second))
@@ -163,9 +164,10 @@ class PlanCache:
         self.base_step_seconds = 3.0 * sum(n.forward_seconds for n in self.analysis.costs.nodes)
         self.prefix_seconds = 0.0
         if prefix_factory is not None:  # its forward only: analytic like the rest
-            traced = fedplan.analyze(prefix_factory(), self.raw_inputs, None,
-                                     loss_fn=lambda out, _t: out.float().mean(),
-                                     repeats=1, compress=False)
+            with no_collection():
+                traced = fedplan.analyze(prefix_factory(), self.raw_inputs, None,
+                                         loss_fn=lambda out, _t: out.float().mean(),
+                                         repeats=1, compress=False)
             self.prefix_seconds = sum(n.forward_seconds for n in analytic_costs(
                 traced.costs, flops_per_second=flops_per_second).nodes)
             self.base_step_seconds += self.prefix_seconds
@@ -196,9 +198,12 @@ class PlanCache:
         self.solves += 1
         start = time.perf_counter()
         try:
-            plan, _ = fedplan.plan(self.model_factory(), self.inputs, self.targets,
-                                   budget=int(budget_bytes), analysis=self.analysis,
-                                   **(self.planner_keywords() | overrides))
+            # the planner verifies a plan by measuring a planned step (client.py's
+            # no_collection says why the collector must not run inside it)
+            with no_collection():
+                plan, _ = fedplan.plan(self.model_factory(), self.inputs, self.targets,
+                                       budget=int(budget_bytes), analysis=self.analysis,
+                                       **(self.planner_keywords() | overrides))
         finally:
             self.solve_seconds += time.perf_counter() - start
         return plan

@@ -462,3 +462,58 @@ def test_fedhybrid_pacer_state_round_trips_mid_window():
     assert resumed.state_dict() == first.state_dict() and resumed.relaxations == 1
     assert picks_first + _drive(resumed, cands, 5, loss, start=7) == picks
     assert resumed.state_dict() == whole.state_dict() and whole.relaxations == 3
+
+
+def test_a_collection_cannot_run_inside_a_measured_step(federation):
+    """The CPU allocator reports the free of a block allocated in an earlier profiled step
+    whenever it happens, so a cyclic-garbage collection inside a measured step takes the
+    bytes it frees off the step's peak (below: 4,096 of 16,384 B). Automatic collections
+    run when the process's allocation count says so, which made the same plan measure
+    434,592 or 435,648 B depending on the tests run before (this file's resume test after
+    tests/test_fl_partition.py). The FL layer measures with the collector paused: the
+    loss, called inside every profiled step, sees it off; it is on again afterwards."""
+    import gc
+
+    import torch
+
+    from fedplan.fl.client import measure_plan_peak
+    from fedplan.runtime.measure import profiled_peak
+
+    class Cycle:
+        pass
+
+    holder = []
+
+    def make():  # a cycle holding 4,096 B, allocated while the profiler records memory
+        cycle = Cycle()
+        cycle.me, cycle.tensor = cycle, torch.ones(1024)
+        holder.append(cycle)
+
+    def step(collect):
+        x = torch.ones(2048)        # 8,192 B
+        holder.clear()              # the cycle becomes garbage inside the step
+        if collect:
+            gc.collect()            # what an automatic collection would do here
+        y = torch.ones(2048)        # 8,192 B more: the step's peak is 16,384 B
+        return x, y
+
+    gc.disable()  # only the explicit collection below runs
+    try:
+        for collect, expected in ((False, 16384), (True, 16384 - 4096)):
+            gc.collect()  # no garbage from before
+            profiled_peak(make)
+            assert profiled_peak(lambda collect=collect: step(collect))[0] == expected
+    finally:
+        gc.enable()
+
+    seen = []
+
+    def loss(outputs, targets):
+        seen.append(gc.isenabled())
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    entry = federation.cache.lookup(federation.devices[0].budget_bytes)
+    cache = federation.cache
+    measure_plan_peak(federation.spec.build, entry.plan, cache.inputs, cache.targets,
+                      loss_fn=loss)
+    assert seen == [False, False] and gc.isenabled()

@@ -39,6 +39,7 @@ import fedplan
 from fedplan.errors import BadInputError
 from fedplan.modelfile import ModelSpec
 
+from ..client import no_collection
 from ..messages import ClientReply, TrainInstruction, state_from_arrays
 
 __all__ = ["BlockModel", "block_profile", "blocks_of", "output_module"]
@@ -177,8 +178,9 @@ def block_profile(spec: ModelSpec, batch_size: int, strategy: str = "block-wise 
     x = inputs
     for k in range(whole.num_blocks):
         part = whole.trainable(k)
-        plan, _ = fedplan.plan(part, x, targets, budget=10**13, loss_fn=spec.loss_fn,
-                               repeats=1, compress=False, verify=False)
+        with no_collection():  # measured bytes (client.py's no_collection)
+            plan, _ = fedplan.plan(part, x, targets, budget=10**13, loss_fn=spec.loss_fn,
+                                   repeats=1, compress=False, verify=False)
         with torch.no_grad():
             x = whole.blocks[k](x)
         out.append({"block": k, "parameters": sum(p.numel() for p in part.parameters()),

@@ -57,7 +57,7 @@ from fedplan.modelfile import ModelSpec
 from fedplan.planner.optimizers import make_optimizer
 from fedplan.runtime.measure import held_bytes, profiled_peak
 
-from ..client import PROFILED_STEPS, local_steps, train_client
+from ..client import PROFILED_STEPS, local_steps, no_collection, train_client
 from ..messages import ClientReply, TrainInstruction, state_from_arrays, state_to_arrays
 from ..plan_cache import REFERENCE_FLOPS_PER_SECOND, CachedPlan, Infeasible, PlanCache
 from ..policy import (
@@ -131,9 +131,10 @@ class SmartSplitPolicy(RoundPolicy):
         """The edge part's keep-all peak and analytic step time, and the cut's bytes."""
         from fedplan.planner.cost import analytic_costs
         _, edge = _parts(model, cut, self.inputs)
-        plan, analysis = fedplan.plan(edge, activation, self.targets, budget=10**13,
-                                      loss_fn=self.spec.loss_fn, repeats=1, compress=False,
-                                      verify=False)
+        with no_collection():  # measured bytes (client.py's no_collection)
+            plan, analysis = fedplan.plan(edge, activation, self.targets, budget=10**13,
+                                          loss_fn=self.spec.loss_fn, repeats=1,
+                                          compress=False, verify=False)
         costs = analytic_costs(analysis.costs, flops_per_second=REFERENCE_FLOPS_PER_SECOND)
         return {"edge_bytes": int(plan.predicted_peak_bytes),
                 "edge_step_seconds": 3.0 * sum(n.forward_seconds for n in costs.nodes),
@@ -309,7 +310,8 @@ def train_split(instruction: TrainInstruction, train_x: torch.Tensor, train_y: t
 
                     device_opt.zero_grad(set_to_none=True)
                     start = held_bytes(planned, device_opt, [inputs, gradient])
-                    measured, _ = profiled_peak(device_step)
+                    with no_collection():
+                        measured, _ = profiled_peak(device_step)
                     peak = max(peak, start + measured)
                 else:
                     device_opt.zero_grad(set_to_none=True)
