@@ -289,7 +289,9 @@ def test_every_measured_peak_within_its_budget(federation_run):
     assert len(summary["rounds"]) == ROUNDS
     for rnd in summary["rounds"]:
         replied = {r["client_id"]: r for r in rnd["replies"]}
-        assert set(replied) == {roles["small"], roles["large"]}, rnd
+        # on a failure, say why a node is missing (pytest truncates the round's dict)
+        assert set(replied) == {roles["small"], roles["large"]}, \
+            (rnd["rejected"], rnd["no_reply"], rnd.get("skipped"))
         for reply in replied.values():
             assert 0 < reply["measured_peak_bytes"] <= reply["budget_bytes"], reply
         assert not [x for x in rnd["rejected"] if "budget" in x["reason"]]
