@@ -50,11 +50,11 @@ def _filtered_native_stderr() -> Iterator[None]:
 def memory_profile() -> Iterator[profile]:
     """``torch.profiler.profile(profile_memory=True)`` on the CPU, without the noise.
 
-    Garbage is collected before and the collector is off inside: the profiler records the
-    frees of tensors allocated before it started, so a collection in the middle (an earlier
-    model's reference cycles, say) lowered the measured peak by what it freed (100 KB on
-    a Llama step measured after the runtime tests, 31 % of its peak)."""
-    gc.collect()
+    Python's cyclic collector is paused inside: the profiler records the frees of tensors
+    allocated before it started, so a collection in the middle (an earlier model's
+    reference cycles, say) lowered the measured peak by what it freed (100 KB on a Llama
+    step measured after the runtime tests, 31 % of its peak). No collection before either:
+    in a long process a full one cost more than the steps it measured."""
     enabled = gc.isenabled()
     gc.disable()
     try:
