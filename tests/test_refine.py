@@ -162,18 +162,27 @@ def test_compression_is_only_given_back_to_keep():
 
 # --------------------------------------------------------------------------- descend_peak
 
-def test_least_peak_reaches_the_exact_minimum_on_layered_9x3_s7():
-    """The ILP in min-peak mode and the greedy stop at 33,792 B on this graph (the
-    infeasible error advised that much); the descent reaches the exact reference's least
-    peak, 32,768 B: a plan fits there and none fits one byte lower."""
+def test_least_peak_on_layered_9x3_s7_against_the_exact_minimum():
+    """The exact reference's least peak on this graph is 32,768 B (a plan fits there and
+    none one byte lower). The least-peak search on deterministic work (one CP-SAT worker,
+    repeatable on any load) stops at 33,792 B, 3.1 % above it, and says so every time; the
+    eight-worker wall-clock search it replaced reached 32,768 B here (see the xfail)."""
     from fedplan.planner.solvers import least_peak_decisions, minimum_peak
     problem = layered_problem(9, 3, 7)
     graph, costs = problem.graph, problem.costs
-    assert minimum_peak(graph, costs)[0] == 32768
-    lowest = least_peak_decisions(graph, costs)
-    assert simulate(graph, costs, lowest).peak_bytes == 32768
+    assert minimum_peak(graph, costs)[0] == 33792
+    assert simulate(graph, costs, least_peak_decisions(graph, costs)).peak_bytes == 33792
     assert exact_min_recompute(graph, costs, 32768).status == "optimal"
     assert exact_min_recompute(graph, costs, 32767).status == "infeasible"
+
+
+@pytest.mark.xfail(strict=True, reason="known miss: the deterministic least-peak search (one "
+                   "CP-SAT worker, work limit) stops at 33,792 B here; the exact least peak "
+                   "is 32,768 B")
+def test_least_peak_reaches_the_exact_minimum_on_layered_9x3_s7():
+    from fedplan.planner.solvers import minimum_peak
+    problem = layered_problem(9, 3, 7)
+    assert minimum_peak(problem.graph, problem.costs)[0] == 32768
 
 
 @pytest.mark.parametrize("seed", [1, 3, 7])
